@@ -1,0 +1,52 @@
+"""hsc-plugin: make CNNs smaller and faster by low-rank factorisation.
+
+    from hsc_plugin import compress, Budget
+    result = compress(model, method="global_svd", calib=images, budget=Budget(3.0))
+    result.model, result.report
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hsc_plugin.api import compress, create_compressor
+from hsc_plugin.budget import Budget, BudgetError
+from hsc_plugin.calibration import CalibrationError
+from hsc_plugin.compressors.base import Compressor
+from hsc_plugin.costs import ModelCost, measure_costs
+from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
+from hsc_plugin.registry import hookimpl, list_plugins
+from hsc_plugin.report import CompressionResult, LayerReport, Report
+from hsc_plugin.strategy import ChannelClusterer, RankSelector, SpatialPartitioner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compress",
+    "create_compressor",
+    "Budget",
+    "BudgetError",
+    "CalibrationError",
+    "Compressor",
+    "CompressionResult",
+    "Report",
+    "LayerReport",
+    "measure_costs",
+    "ModelCost",
+    "LayerPlan",
+    "RankBlock",
+    "RankProblem",
+    "RankSelector",
+    "SpatialPartitioner",
+    "ChannelClusterer",
+    "hookimpl",
+    "list_plugins",
+    "finetune",
+]
+
+
+def finetune(*args: Any, **kwargs: Any) -> Any:
+    """Fine-tune a compressed model (cross-entropy, optional distillation); see ``hsc_plugin.mri.train``."""
+    from hsc_plugin.mri.train import finetune as _finetune
+
+    return _finetune(*args, **kwargs)

@@ -1,0 +1,286 @@
+"""Calibration: turn whatever the user passes into batches, and stream statistics through hooks.
+
+Statistics are *accumulators* attached to a layer with a forward hook. They keep running sums
+(second moments are additive), so memory does not grow with the amount of calibration data,
+and sums from several processes or several passes simply add.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "CalibrationError",
+    "iter_batches",
+    "first_batch",
+    "LayerInfo",
+    "trace_layers",
+    "Accumulator",
+    "OutputMoment",
+    "InputChannelMoment",
+    "run_calibration",
+    "progress_enabled",
+]
+
+
+class CalibrationError(ValueError):
+    """Calibration data is missing, empty or does not fit the model."""
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Progress bars are on when asked, or by default when stderr is a terminal."""
+    if progress is None:
+        return sys.stderr.isatty()
+    return bool(progress)
+
+
+def _extract(item: Any) -> torch.Tensor:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    if isinstance(item, Mapping):
+        for key in ("image", "images", "input", "inputs", "x", "pixel_values"):
+            if key in item and isinstance(item[key], torch.Tensor):
+                return item[key]
+    raise CalibrationError(
+        f"Calibration items must be tensors, (input, label) pairs or dicts with an 'image'/'input' "
+        f"tensor; got {type(item).__name__}"
+    )
+
+
+def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Yield input batches from a tensor, an iterable of tensors / (x, y) pairs, or a DataLoader.
+
+    A single tensor is split into batches of ``batch_size`` along dim 0.
+    """
+    if calib is None:
+        raise CalibrationError("No calibration data given (calib=None)")
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() == 0 or calib.shape[0] == 0:
+            raise CalibrationError(f"Calibration tensor is empty (shape {tuple(calib.shape)})")
+        yield from calib.split(batch_size)
+        return
+    if not isinstance(calib, Iterable):
+        raise CalibrationError(f"calib must be a tensor, an iterable or a DataLoader, got {type(calib).__name__}")
+    count = 0
+    for item in calib:
+        x = _extract(item)
+        if x.dim() == 0 or x.shape[0] == 0:
+            continue
+        count += 1
+        yield x
+    if count == 0:
+        raise CalibrationError("Calibration data is empty: it yielded no batch")
+
+
+def first_batch(calib: Any) -> torch.Tensor:
+    """The first calibration batch (for shape tracing); does not consume a tensor."""
+    return next(iter_batches(calib))
+
+
+def _check_batch(x: torch.Tensor, ref: torch.Tensor | None, dtype: torch.dtype) -> None:
+    if not torch.is_floating_point(x):
+        raise CalibrationError(f"Calibration inputs must be floating point, got dtype {x.dtype}")
+    if ref is not None and x.shape[1:] != ref.shape[1:]:
+        raise CalibrationError(
+            f"Calibration batches disagree in shape: {tuple(x.shape[1:])} vs {tuple(ref.shape[1:])} "
+            "per sample"
+        )
+    if not torch.isfinite(x).all():
+        raise CalibrationError("Calibration inputs contain NaN or Inf")
+
+
+@dataclass
+class LayerInfo:
+    """What a forward pass shows about a layer: its input and output shapes (per sample)."""
+
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    calls: int = 1
+
+    @property
+    def in_hw(self) -> tuple[int, int]:
+        return (self.in_shape[-2], self.in_shape[-1]) if len(self.in_shape) >= 3 else (1, 1)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return (self.out_shape[-2], self.out_shape[-1]) if len(self.out_shape) >= 3 else (1, 1)
+
+    @property
+    def positions(self) -> int:
+        """Output positions per sample at which the layer's matrix is applied."""
+        if isinstance(self.module, nn.Linear):
+            n = 1
+            for d in self.out_shape[:-1]:
+                n *= d
+            return n
+        return self.out_hw[0] * self.out_hw[1]
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except CalibrationError:
+        raise
+    except Exception as exc:  # re-raised with the shape, which is what users get wrong
+        raise CalibrationError(
+            f"The model failed on a calibration batch of shape {tuple(x.shape)} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+@torch.no_grad()
+def trace_layers(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> dict[str, LayerInfo]:
+    """One forward pass (first sample of ``example``) recording each named layer's shapes."""
+    modules = dict(model.named_modules())
+    infos: dict[str, LayerInfo] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if name in infos:
+                infos[name].calls += 1
+                return
+            infos[name] = LayerInfo(name, mod, tuple(inp[0].shape[1:]), tuple(out.shape[1:]))
+
+        return hook
+
+    for n in names:
+        handles.append(modules[n].register_forward_hook(make_hook(n)))
+    try:
+        _check_batch(example, None, example.dtype)
+        _forward(model, example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return infos
+
+
+class Accumulator:
+    """Running statistic of one layer, updated by a forward hook with (input, pre-bias output)."""
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The running sums (for all-reduce across processes)."""
+        raise NotImplementedError
+
+
+def _channels_last_2d(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) or (N, *, C) for Linear → (rows, C)."""
+    if t.dim() == 4:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return t.reshape(-1, t.shape[-1])
+
+
+class OutputMoment(Accumulator):
+    """Uncentred second moment ``S = Σ y yᵀ`` of the pre-bias output, over batch and positions."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.S = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        Y = _channels_last_2d(y).double()
+        self.S += Y.T @ Y
+        self.count += Y.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.S, self.count]
+
+
+class InputChannelMoment(Accumulator):
+    """Per-pixel input channel second moment ``Σ x xᵀ`` (C_in × C_in)."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.S = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        X = _channels_last_2d(x).double()
+        self.S += X.T @ X
+        self.count += X.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.S, self.count]
+
+
+def _pre_bias(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return out
+    if out.dim() == 4:
+        return out - bias.view(1, -1, 1, 1)
+    return out - bias
+
+
+def _all_reduce(accs: Iterable[Accumulator]) -> None:
+    """Sum statistics over processes when a torch.distributed group is initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for acc in accs:
+        for t in acc.tensors():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+@torch.no_grad()
+def run_calibration(
+    model: nn.Module,
+    accumulators: Mapping[str, Sequence[Accumulator]],
+    calib: Any,
+    *,
+    progress: bool | None = None,
+    desc: str = "calibration",
+) -> int:
+    """Forward all calibration batches, feeding every layer's accumulators; returns #samples.
+
+    The model must be in eval mode (batch norm must use its running statistics).
+    """
+    modules = dict(model.named_modules())
+    handles = []
+
+    def make_hook(name: str):
+        accs = accumulators[name]
+
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            y = _pre_bias(mod, out)
+            for acc in accs:
+                acc.update(inp[0], y)
+
+        return hook
+
+    for name, accs in accumulators.items():
+        if accs:
+            handles.append(modules[name].register_forward_hook(make_hook(name)))
+    n = 0
+    ref: torch.Tensor | None = None
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        bar = tqdm(iter_batches(calib), desc=desc, unit="batch", disable=not progress_enabled(progress),
+                   leave=False)
+        for x in bar:
+            _check_batch(x, ref, x.dtype)
+            ref = x if ref is None else ref
+            if param is not None and x.dtype != param.dtype:
+                x = x.to(param.dtype)
+            _forward(model, x.to(device))
+            n += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    _all_reduce(a for accs in accumulators.values() for a in accs)
+    return n

@@ -1,0 +1,180 @@
+"""The ``hsc`` command: ``hsc compress``, ``hsc plugins``, ``hsc demo``, ``hsc reproduce``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_model", "load_image_folder"]
+
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def build_model(spec: str) -> nn.Module:
+    """``package.module:factory`` (called with no arguments) or a timm model name (pretrained=False)."""
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SystemExit(f"hsc: cannot import {spec!r}: {exc}") from exc
+        return factory()
+    try:
+        import timm
+    except ImportError as exc:
+        raise SystemExit("hsc: model names are timm models; install the extra: pip install 'hsc-plugin[timm]'") from exc
+    if not timm.is_model(spec):
+        import difflib
+
+        close = difflib.get_close_matches(spec, timm.list_models(), n=3)
+        raise SystemExit(f"hsc: unknown timm model {spec!r}" + (f"; did you mean {close}?" if close else ""))
+    return timm.create_model(spec, pretrained=False)
+
+
+def _input_spec(model: nn.Module, input_size: str | None) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if input_size:
+        shape = tuple(int(v) for v in input_size.split(","))
+    elif "input_size" in cfg:
+        shape = tuple(cfg["input_size"])
+    else:
+        raise SystemExit("hsc: cannot infer the input size; pass --input-size C,H,W")
+    mean = tuple(cfg.get("mean", (0.5,) * shape[0]))
+    std = tuple(cfg.get("std", (0.5,) * shape[0]))
+    return shape, mean, std
+
+
+def load_image_folder(folder: str | Path, shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
+                      limit: int = 256) -> torch.Tensor:
+    """Images under ``folder`` (recursively, sorted) as a normalised (N, C, H, W) float tensor."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in _IMAGE_EXT)[:limit]
+    if not files:
+        raise SystemExit(f"hsc: no images found under {folder}")
+    c, h, w = shape
+    mode = "L" if c == 1 else "RGB"
+    arrays = [np.asarray(Image.open(f).convert(mode).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255.0
+              for f in files]
+    x = torch.from_numpy(np.stack(arrays))
+    x = x.unsqueeze(1) if c == 1 else x.permute(0, 3, 1, 2)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"hsc: options are key=value, got {text!r}")
+    try:
+        return key.strip(), ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key.strip(), value
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from hsc_plugin import Budget, compress
+    from hsc_plugin.serialization import save
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.model).eval()
+    shape, mean, std = _input_spec(model, args.input_size)
+    if args.calib == "random":
+        print(f"WARNING: calibrating on {args.num_calib} RANDOM inputs of shape {shape}: "
+              "data-aware results will not reflect real data", file=sys.stderr)
+        calib = torch.randn(args.num_calib, *shape)
+    elif args.calib:
+        calib = load_image_folder(args.calib, shape, mean, std, limit=args.num_calib)
+    else:
+        calib = None
+    budget = None
+    if args.macs and args.params:
+        raise SystemExit("hsc: give either --macs or --params, not both")
+    if args.macs:
+        budget = Budget.parse(args.macs, metric="macs", scope=args.scope)
+    elif args.params:
+        budget = Budget.parse(args.params, metric="params", scope=args.scope)
+    options = dict(_parse_option(o) for o in args.option)
+    result = compress(model, args.method, calib=calib, budget=budget,
+                      example_input=torch.randn(1, *shape), **options)
+    print(result.report.table())
+    if args.report:
+        result.report.save(args.report)
+        print(f"report written to {args.report}")
+    if args.out:
+        save(result, args.out)
+        print(f"compressed model written to {args.out} (load with hsc_plugin.load(path, base_model))")
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from hsc_plugin.registry import list_plugins
+
+    rows = list_plugins()
+    if args.json:
+        print(json.dumps([{"kind": r.kind, "name": r.name, "class": f"{r.cls.__module__}.{r.cls.__qualname__}",
+                           "origin": r.origin} for r in rows], indent=2))
+        return 0
+    print(f"{'kind':<15} {'name':<16} {'origin':<28} class")
+    for r in rows:
+        print(f"{r.kind:<15} {r.name:<16} {r.origin:<28} {r.cls.__module__}.{r.cls.__qualname__}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hsc", description="Low-rank compression of CNNs (HSC, Global SVD, Tucker-2)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a timm model or package.module:factory")
+    c.add_argument("model", help="timm model name (pretrained=False) or package.module:factory")
+    c.add_argument("--method", default="hsc", help="compressor name (see `hsc plugins`)")
+    c.add_argument("--macs", help="MAC budget, e.g. 3x")
+    c.add_argument("--params", help="parameter budget, e.g. 4x")
+    c.add_argument("--scope", default="model", choices=["model", "targets"])
+    c.add_argument("--calib", help="folder of calibration images, or 'random' (clearly labelled)")
+    c.add_argument("--num-calib", type=int, default=64, help="calibration images to use")
+    c.add_argument("--input-size", help="C,H,W (default: the timm model's)")
+    c.add_argument("-o", "--option", action="append", default=[], help="compressor option key=value (repeatable)")
+    c.add_argument("--out", help="directory to save the compressed model to")
+    c.add_argument("--report", help="path of the JSON report")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_cmd_compress)
+
+    pl = sub.add_parser("plugins", help="list compressors and strategies with their origin")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plugins)
+
+    _add_experiment_commands(sub)
+    return p
+
+
+def _add_experiment_commands(sub: Any) -> None:
+    """``hsc demo`` / ``hsc reproduce`` live with the MRI experiment; added when it is present."""
+    try:
+        from hsc_plugin.mri.cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        print(f"hsc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

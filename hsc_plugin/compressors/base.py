@@ -1,0 +1,384 @@
+"""The compressor interface and the one compression pipeline every compressor runs through.
+
+A compressor says two things per layer: which calibration statistics it needs
+(:meth:`Compressor.statistics`) and how the layer can be factorised (:meth:`Compressor.plan`, a
+:class:`~hsc_plugin.plan.LayerPlan`). Everything else — target selection, shape tracing, the
+calibration pass, rank selection against the budget, building, measuring what executes,
+checking the budget and the report — is shared, so all compressors behave the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hsc_plugin.budget import Budget, BudgetError
+from hsc_plugin.calibration import (
+    Accumulator,
+    CalibrationError,
+    LayerInfo,
+    first_batch,
+    iter_batches,
+    progress_enabled,
+    run_calibration,
+    trace_layers,
+)
+from hsc_plugin.costs import count_params, measure_costs
+from hsc_plugin.plan import LayerPlan, RankProblem
+from hsc_plugin.registry import create
+from hsc_plugin.report import CompressionResult, LayerReport, Report
+from hsc_plugin.strategy import RankSelector
+from hsc_plugin.targets import SUPPORTED_TYPES, TargetSpec, resolve_targets
+
+__all__ = ["Compressor", "set_submodule"]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _example_from_model(model: nn.Module) -> torch.Tensor | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        p = next(model.parameters())
+        return torch.randn(1, *cfg["input_size"], dtype=p.dtype, device=p.device)
+    return None
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("The model has no parameters: nothing to compress")
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"The model's parameters are on several devices {sorted(map(str, devices))}; "
+                         "move it to one device first")
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"Parameter {name!r} contains NaN or Inf; cannot factorise it")
+
+
+class Compressor(ABC):
+    """Base class of every compressor (``hsc``, ``global_svd``, ``tucker2`` and third-party ones).
+
+    Options shared by all compressors (subclasses add their own keyword-only options):
+
+    * ``rank``: rank selector name or object (``"budget"`` when a budget is given, else
+      ``"energy"``); ``energy`` (τ) and ``rank_ratio`` configure the built-in selectors.
+    * ``data_aware``: use calibration statistics so the kept factors minimise the output error.
+    * ``dense_fallback``: keep a layer (or block) dense when factorising it would not save cost.
+    * ``rank_multiple``: round ranks up to a multiple (e.g. 8, for fast kernels).
+    * ``progress``: tqdm bars (default: when stderr is a terminal); ``seed``: for strategies that
+      draw random numbers; ``measure_error``: measure each layer's output error on ``calib``.
+    """
+
+    name: ClassVar[str]
+    budget_selector: ClassVar[str] = "budget"  # the rank selector used when only a budget is given
+    supported_types: ClassVar[tuple[type[nn.Module], ...]] = SUPPORTED_TYPES
+
+    def __init__(
+        self,
+        *,
+        rank: str | RankSelector | None = None,
+        energy: float | None = None,
+        rank_ratio: float | None = None,
+        data_aware: bool = False,
+        dense_fallback: bool = True,
+        rank_multiple: int = 1,
+        progress: bool | None = None,
+        seed: int = 0,
+        measure_error: bool = True,
+        calib_batch_size: int = 64,
+    ) -> None:
+        if rank_multiple < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
+        self.rank = rank
+        self.energy = energy
+        self.rank_ratio = rank_ratio
+        self.data_aware = bool(data_aware)
+        self.dense_fallback = bool(dense_fallback)
+        self.rank_multiple = int(rank_multiple)
+        self.progress = progress
+        self.seed = int(seed)
+        self.measure_error = bool(measure_error)
+        self.calib_batch_size = int(calib_batch_size)
+
+    # -- what subclasses implement ---------------------------------------------------------------
+    def needs_calibration(self) -> bool:
+        """Whether :meth:`statistics` will ask for data (calib is then mandatory)."""
+        return self.data_aware
+
+    @abstractmethod
+    def statistics(self, info: LayerInfo) -> list[Accumulator]:
+        """Accumulators to attach to this layer during the calibration pass (may be empty)."""
+
+    @abstractmethod
+    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
+        """How to factorise the layer, or a string saying why it is left as it is."""
+
+    # -- shared machinery --------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.kind == p.KEYWORD_ONLY and p.name not in names:
+                        names.append(p.name)
+        return names
+
+    def options(self) -> dict[str, Any]:
+        """The options this compressor was created with (JSON-safe, for the report)."""
+        out: dict[str, Any] = {}
+        for k in self.option_names():
+            v = getattr(self, k, None)
+            out[k] = v.config() if hasattr(v, "config") else v
+        return out
+
+    def rank_selector(self, budget: Budget | None) -> RankSelector:
+        spec = self.rank if self.rank is not None else (self.budget_selector if budget is not None else "energy")
+        opts = {k: v for k, v in (("energy", self.energy), ("rank_ratio", self.rank_ratio)) if v is not None}
+        selector = create("rank_selector", spec, RankSelector, **opts)
+        if budget is not None and not selector.needs_budget:
+            raise ValueError(
+                f"Rank selector {selector.name!r} does not take a budget; drop the budget or use "
+                "rank='budget'"
+            )
+        if budget is None and selector.needs_budget:
+            raise ValueError(f"Rank selector {selector.name!r} needs a budget, e.g. budget=Budget(3.0)")
+        return selector
+
+    def compress(
+        self,
+        model: nn.Module,
+        calib: Any = None,
+        *,
+        targets: TargetSpec = None,
+        exclude: TargetSpec = None,
+        budget: Budget | None = None,
+        inplace: bool = False,
+        example_input: torch.Tensor | None = None,
+    ) -> CompressionResult:
+        """Compress ``model``; the input model is untouched unless ``inplace=True``.
+
+        Nothing is written into ``model`` before every step has succeeded, so an error never leaves
+        it half-modified.
+        """
+        t0 = time.perf_counter()
+        _check_model(model)
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a hsc_plugin.Budget, got {type(budget).__name__}")
+        if self.needs_calibration() and calib is None:
+            raise CalibrationError(
+                f"Compressor {self.name!r} with these options needs calibration data (calib=...)"
+            )
+        param = next(model.parameters())
+        if calib is not None:
+            example = first_batch(calib)[:1]
+        elif example_input is not None:
+            example = example_input[:1]
+        else:
+            example = _example_from_model(model)
+            if example is None:
+                raise CalibrationError(
+                    "Cannot infer the input shape: pass calib=... or example_input=torch.randn(1, C, H, W)"
+                )
+        if not torch.is_floating_point(example):
+            raise CalibrationError(f"Inputs must be floating point, got dtype {example.dtype}")
+        example = example.to(device=param.device, dtype=param.dtype)
+        selector = self.rank_selector(budget)
+        metric = budget.metric if budget is not None else "macs"
+
+        work = copy.deepcopy(model)
+        work.eval()
+        names, skipped = resolve_targets(work, targets, exclude, self.supported_types)
+        if not names:
+            raise ValueError("No layer to compress: no Conv2d/Linear layer matches the targets")
+        infos = trace_layers(work, names, example)
+        before = measure_costs(work, example)
+        reports: dict[str, LayerReport] = {}
+        modules = dict(work.named_modules())
+        for n, reason in skipped.items():
+            reports[n] = self._layer_report(n, modules[n], "skipped", reason, before.module_macs.get(n, 0))
+        live: list[str] = []
+        for n in names:
+            if n not in infos:
+                reports[n] = self._layer_report(n, modules[n], "skipped", "not executed by the forward pass", 0)
+            elif infos[n].calls > 1:
+                reports[n] = self._layer_report(n, modules[n], "skipped",
+                                                f"called {infos[n].calls} times per forward (shared)",
+                                                before.module_macs.get(n, 0))
+            else:
+                live.append(n)
+
+        stats = {n: self.statistics(infos[n]) for n in live}
+        n_samples = 0
+        if any(stats.values()):
+            n_samples = run_calibration(work, stats, calib, progress=self.progress,
+                                        desc=f"{self.name}: calibration")
+        plans: list[LayerPlan] = []
+        bar = tqdm(live, desc=f"{self.name}: decompose", unit="layer", leave=False,
+                   disable=not progress_enabled(self.progress))
+        for n in bar:
+            info = infos[n]
+            dense = {"macs": float(before.module_macs.get(n, 0)), "params": float(count_params(info.module))}
+            result = self.plan(info, stats[n])
+            if isinstance(result, str):
+                reports[n] = self._layer_report(n, info.module, "dense", result, int(dense["macs"]))
+                continue
+            result.dense_cost = dense
+            result.dense_fallback = self.dense_fallback
+            for b in result.blocks:
+                b.step = max(b.step, self.rank_multiple)
+                b.min_rank = min(max(b.min_rank, min(self.rank_multiple, b.max_rank)), b.max_rank)
+            if self.dense_fallback and result.factorised_cost(result.min_ranks(), metric) >= dense[metric]:
+                reports[n] = self._layer_report(
+                    n, info.module, "dense",
+                    f"factorising cannot save {metric}: the smallest rank costs "
+                    f"{result.factorised_cost(result.min_ranks(), metric):,.0f} >= dense {dense[metric]:,.0f}",
+                    int(dense["macs"]))
+                continue
+            plans.append(result)
+        del stats
+        if not plans:
+            raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
+                             f"{ {n: r.reason for n, r in reports.items()} }")
+
+        target_names = [n for n in names if n in infos]
+        target: float | None = None
+        base_ref = 0.0
+        if budget is not None:
+            plan_dense = sum(p.dense_cost[metric] for p in plans)
+            if budget.scope == "model":
+                base_ref = float(before.of(metric))
+            else:
+                base_ref = float(sum(self._module_cost(before, modules[n], n, metric) for n in target_names))
+            fixed = base_ref - plan_dense
+            target = budget.target_cost(base_ref) - fixed
+            floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
+            if target < floor:
+                best = base_ref / (fixed + floor)
+                raise BudgetError(
+                    f"Cannot reach {budget.ratio:g}x fewer {metric} ({budget.scope}): "
+                    f"{plan_dense / base_ref:.0%} of the {metric} are in factorisable layers, so the "
+                    f"most this method can reach at minimum rank is {best:.2f}x"
+                )
+        problem = RankProblem(plans, metric, target)
+        all_ranks = selector.select(problem)
+        all_ranks = [p.finalise(r, metric) for p, r in zip(plans, all_ranks)]
+
+        new_modules: dict[str, nn.Module] = {}
+        for p, r in zip(plans, all_ranks):
+            if not p.is_dense(r):
+                new_modules[p.name] = p.build(r)
+        errors = self._measure_errors(work, new_modules, calib) if (calib is not None and self.measure_error) else {}
+        for n, m in new_modules.items():
+            set_submodule(work, n, m)
+        after = measure_costs(work, example)
+        after_modules = dict(work.named_modules())
+
+        for p, r in zip(plans, all_ranks):
+            dense = p.is_dense(r)
+            rep = self._layer_report(
+                p.name, p.info.module, "dense" if dense else "factorised",
+                "factorising at the selected rank would not save cost" if dense else "",
+                int(p.dense_cost["macs"]))
+            if not dense:
+                rep.ranks = {b.label or str(i): int(k) for i, (b, k) in enumerate(zip(p.blocks, r))}
+            rep.predicted_error = p.predicted_error(r)
+            rep.error = errors.get(p.name, 0.0 if dense else None)
+            rep.details = p.describe(r)
+            if not dense:
+                rep.module = type(new_modules[p.name]).__name__
+                rep.macs_after = int(after.module_macs.get(p.name, 0))
+                rep.params_after = count_params(new_modules[p.name])
+            reports[p.name] = rep
+
+        achieved = met = None
+        if budget is not None:
+            if budget.scope == "model":
+                after_ref = float(after.of(metric))
+            else:
+                after_ref = float(sum(self._module_cost(after, after_modules[n], n, metric) for n in target_names))
+            achieved = base_ref / max(after_ref, 1e-12)
+            met = abs(achieved / budget.ratio - 1.0) <= budget.tolerance
+            if not met:
+                raise BudgetError(
+                    f"{self.name} reached {achieved:.3f}x instead of {budget.ratio:g}x fewer {metric} "
+                    f"(tolerance {budget.tolerance:.0%}); layers are too coarse for this budget"
+                )
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        report = Report(
+            method=self.name,
+            options=self.options(),
+            layers=sorted(reports.values(), key=lambda L: order.get(L.name, math.inf)),
+            macs_before=before.macs, macs_after=after.macs,
+            params_before=before.params, params_after=after.params,
+            budget=budget.to_dict() if budget is not None else None,
+            achieved_ratio=achieved, budget_met=met,
+            calibration_samples=n_samples,
+            input_shape=list(example.shape[1:]),
+        )
+        if inplace:
+            for n, m in new_modules.items():
+                set_submodule(model, n, m)
+            out = model
+        else:
+            work.train(model.training)
+            out = work
+        report.seconds = time.perf_counter() - t0
+        return CompressionResult(out, report)
+
+    @staticmethod
+    def _module_cost(cost, module: nn.Module, name: str, metric: str) -> float:
+        return float(cost.module_macs.get(name, 0)) if metric == "macs" else float(count_params(module))
+
+    @staticmethod
+    def _layer_report(name: str, module: nn.Module, status: str, reason: str, macs: int) -> LayerReport:
+        params = count_params(module)
+        return LayerReport(name=name, type=type(module).__name__, status=status, reason=reason,
+                           macs_before=macs, macs_after=macs, params_before=params, params_after=params)
+
+    @torch.no_grad()
+    def _measure_errors(self, work: nn.Module, new_modules: dict[str, nn.Module], calib: Any) -> dict[str, float]:
+        """Relative pre-bias output error of each new module on the layer's own calibration inputs."""
+        if not new_modules:
+            return {}
+        sums = {n: [0.0, 0.0] for n in new_modules}
+        handles = []
+
+        def make_hook(name: str, new: nn.Module):
+            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+                approx = new(inp[0])
+                sums[name][0] += float((approx - out).double().pow(2).sum())
+                b = getattr(mod, "bias", None)
+                ref = out if b is None else out - (b.view(1, -1, 1, 1) if out.dim() == 4 else b)
+                sums[name][1] += float(ref.double().pow(2).sum())
+
+            return hook
+
+        mods = dict(work.named_modules())
+        for n, m in new_modules.items():
+            handles.append(mods[n].register_forward_hook(make_hook(n, m)))
+        param = next(work.parameters())
+        try:
+            for x in tqdm(iter_batches(calib), desc=f"{self.name}: error", unit="batch", leave=False,
+                          disable=not progress_enabled(self.progress)):
+                work(x.to(device=param.device, dtype=param.dtype))
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}

@@ -1,0 +1,109 @@
+"""Global SVD: one truncated SVD per layer (k×k conv with r filters, then 1×1 back to C_out)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
+from hsc_plugin.compressors.base import Compressor
+from hsc_plugin.decomposition import rrr_basis
+from hsc_plugin.modules import LowRankConv2d, LowRankLinear, conv_geometry
+from hsc_plugin.plan import LayerPlan, RankBlock
+
+__all__ = ["GlobalSVD", "SVDPlan"]
+
+
+def layer_matrices(module: nn.Module) -> list[torch.Tensor]:
+    """The layer as one matrix per group: ``C_out/g × (C_in/g·kh·kw)`` (a Linear is one group)."""
+    W = module.weight.detach()
+    groups = getattr(module, "groups", 1)
+    return [w.reshape(w.shape[0], -1) for w in W.chunk(groups, dim=0)]
+
+
+def group_blocks(S: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """Diagonal blocks of an output second moment, one per group."""
+    n = S.shape[0] // groups
+    return [S[g * n:(g + 1) * n, g * n:(g + 1) * n] for g in range(groups)]
+
+
+class SVDPlan(LayerPlan):
+    """Rank-r factorisation ``M_g ≈ B_g A_g`` per group with one shared rank (one block).
+
+    Data-free: A = √s·Vᵀ, B = U·√s from the SVD of the weight. Data-aware: the output second
+    moment's top eigenvectors P (reduced-rank regression): A = Pᵀ M, B = P.
+    """
+
+    def __init__(self, info: LayerInfo, S: torch.Tensor | None) -> None:
+        module = info.module
+        self.matrices = layer_matrices(module)
+        self.groups = len(self.matrices)
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (basis, spectrum, coef)
+        energies = None
+        for g, M in enumerate(self.matrices):
+            Md = M.double()
+            if S is None:
+                U, s, Vh = torch.linalg.svd(Md, full_matrices=False)
+                spectrum = s**2
+                self.factors.append((U * s.sqrt(), spectrum, s.sqrt()[:, None] * Vh))
+            else:
+                evals, P = rrr_basis(group_blocks(S, self.groups)[g])
+                k = min(M.shape)
+                spectrum = evals[:k]
+                self.factors.append((P[:, :k], spectrum, P[:, :k].T @ Md))
+            energies = spectrum.clone() if energies is None else energies + spectrum
+        block = RankBlock(energies.cpu().numpy(), label="rank",
+                          matrix=self.matrices[0] if self.groups == 1 and S is None else None)
+        super().__init__(info, [block], dense_cost={})
+
+    def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        r = ranks[0]
+        m = self.info.module
+        if isinstance(m, nn.Linear):
+            per = r * (m.in_features + m.out_features)
+            return float(per * self.info.positions if metric == "macs" else per + (m.out_features if m.bias is not None else 0))
+        k = m.kernel_size[0] * m.kernel_size[1]
+        per = r * (m.in_channels * k + m.out_channels)
+        if metric == "macs":
+            return float(per * self.info.positions)
+        return float(per + (m.out_channels if m.bias is not None else 0))
+
+    def build(self, ranks: list[int]) -> nn.Module:
+        r = ranks[0]
+        m = self.info.module
+        W = m.weight
+        kw = {"device": W.device, "dtype": W.dtype}
+        A = torch.cat([f[2][:r] for f in self.factors], 0)  # (g·r) × D
+        B = torch.cat([f[0][:, :r] for f in self.factors], 0)  # C_out × r (per group)
+        if isinstance(m, nn.Linear):
+            new = LowRankLinear(m.in_features, m.out_features, r, bias=m.bias is not None, **kw)
+            new.reduce.weight.data.copy_(A)
+            new.expand.weight.data.copy_(B)
+        else:
+            new = LowRankConv2d(m.in_channels, m.out_channels, r, conv_geometry(m), groups=m.groups,
+                                bias=m.bias is not None, **kw)
+            new.reduce.weight.data.copy_(A.reshape(new.reduce.weight.shape))
+            new.expand.weight.data.copy_(B.reshape(new.expand.weight.shape))
+        if m.bias is not None:
+            new.expand.bias.data.copy_(m.bias.detach())
+        return new
+
+
+class GlobalSVD(Compressor):
+    """One truncated SVD per Conv2d/Linear layer; data-free unless ``data_aware=True``.
+
+    Data-aware factors minimise each layer's output error on the calibration data for the rank
+    (reduced-rank regression on the output second moment).
+    """
+
+    name = "global_svd"
+
+    def statistics(self, info: LayerInfo) -> list[Accumulator]:
+        if not self.data_aware:
+            return []
+        w = info.module.weight
+        return [OutputMoment(w.shape[0], w.device)]
+
+    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
+        S = stats[0].S if stats else None
+        return SVDPlan(info, S)

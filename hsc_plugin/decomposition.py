@@ -1,0 +1,162 @@
+"""Decomposition maths on plain tensors: no modules, no hooks, no framework glue.
+
+Every function here takes matrices or weight tensors and returns factors, so that each
+compressor (and each test) can check the algebra on its own, as TensorLy separates its
+decompositions from the layers that use them. Computations run in float64 for stability and
+the caller casts the factors back to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "truncated_svd",
+    "rrr_basis",
+    "sym_eig_desc",
+    "sqrtm_psd",
+    "tucker2",
+    "evbmf_rank",
+]
+
+
+def sym_eig_desc(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix, eigenvalues descending and clamped at 0."""
+    S = 0.5 * (S + S.T)
+    evals, evecs = torch.linalg.eigh(S.double())
+    evals = evals.flip(0).clamp_min(0.0)
+    evecs = evecs.flip(1)
+    return evals, evecs
+
+
+def truncated_svd(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of ``M`` (U: m×r, s: r, Vh: r×n), in float64."""
+    U, s, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    return U[:, :rank], s[:rank], Vh[:rank]
+
+
+def rrr_basis(S_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal output directions of a layer from its output second moment ``S_out = Σ y yᵀ``.
+
+    Projecting the weight onto the top-k eigenvectors P_k (``W_k = P_k P_kᵀ W``) is the
+    reduced-rank-regression optimum: it minimises ``Σ ||y - ŷ||²`` over the calibration data for
+    rank k, and the discarded eigenvalues are exactly that error. Equivalent to the SVD of
+    ``W Σ_x^{1/2}`` (input whitening) without forming or inverting the input covariance.
+    Returns (eigenvalues descending, eigenvectors as columns).
+    """
+    return sym_eig_desc(S_out)
+
+
+def sqrtm_psd(S: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Square root and regularised inverse square root of a PSD matrix (float64)."""
+    evals, evecs = sym_eig_desc(S)
+    floor = eps * float(evals.max().clamp_min(1e-30))
+    ev = evals.clamp_min(floor)
+    root = (evecs * ev.sqrt()) @ evecs.T
+    inv_root = (evecs * ev.rsqrt()) @ evecs.T
+    return root, inv_root
+
+
+def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
+    return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
+
+
+def tucker2(
+    W: torch.Tensor,
+    rank_out: int,
+    rank_in: int,
+    *,
+    S_out: torch.Tensor | None = None,
+    S_in: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a conv weight ``W`` (Co×Ci×kh×kw) over its two channel modes.
+
+    Returns ``(U_out: Co×R_out, core: R_out×R_in×kh×kw, V_in: Ci×R_in)`` so that the layer becomes
+    1×1 conv with weight ``V_inᵀ`` → k×k conv with ``core`` → 1×1 conv with ``U_out``.
+
+    Data-free (the literature's default): TensorLy's Tucker on the torch backend (HOSVD
+    initialisation refined by HOOI), modes 0 and 1 only. Data-aware when second moments are
+    given: the output factor comes from the output second moment (reduced-rank regression) and
+    the input factor from the SVD of ``Σ_in^{1/2} W_(1)`` (input whitening), so the kept factors
+    minimise the output error on the calibration data instead of the weight error.
+    """
+    Wd = W.double()
+    if S_out is None and S_in is None:
+        import tensorly as tl
+        from tensorly.decomposition import partial_tucker
+
+        with tl.backend_context("pytorch"):
+            (core, factors), _ = partial_tucker(
+                Wd, rank=[rank_out, rank_in], modes=[0, 1], init="svd", n_iter_max=3, tol=1e-6
+            )
+        U_out, V_in = factors
+        return U_out, core, V_in
+    # Data-aware path.
+    if S_in is not None:
+        root, inv_root = sqrtm_psd(S_in)
+        E, _, _ = truncated_svd(root @ _unfold(Wd, 1), rank_in)
+        proj_in = inv_root @ E  # Ci×R_in: z = proj_inᵀ x
+        lift_in = root @ E  # Ci×R_in: x̂ = lift_in z
+    else:
+        E, _, _ = truncated_svd(_unfold(Wd, 1), rank_in)
+        proj_in = lift_in = E
+    if S_out is not None:
+        _, evecs = rrr_basis(S_out)
+        U_out = evecs[:, :rank_out]
+    else:
+        U_out, _, _ = truncated_svd(_unfold(Wd, 0), rank_out)
+    core = torch.einsum("oikl,or,is->rskl", Wd, U_out, lift_in)
+    return U_out, core, proj_in
+
+
+def evbmf_rank(Y: torch.Tensor, sigma2: float | None = None) -> int:
+    """Rank of ``Y`` estimated by empirical variational Bayesian matrix factorisation.
+
+    Nakajima et al., "Global analytic solution of fully-observed variational Bayesian matrix
+    factorization", JMLR 2013: the noise variance is estimated by minimising the EVB free energy
+    and singular values below the EVB threshold are discarded. The usual data-free rank choice
+    for Tucker compression of convs (Kim et al. 2016).
+    """
+    from scipy.optimize import minimize_scalar
+
+    Y = Y.double()
+    if Y.shape[0] > Y.shape[1]:
+        Y = Y.T
+    L, M = Y.shape
+    s = torch.linalg.svdvals(Y).cpu().numpy()
+    alpha = L / M
+    tauubar = 2.5129 * math.sqrt(alpha)
+    if sigma2 is None:
+        xubar = (1 + tauubar) * (1 + alpha / tauubar)
+        eH_ub = int(min(math.ceil(L / (1 + alpha)) - 1, L)) - 1
+        upper = float(np.sum(s**2)) / (L * M)
+        tail = s[eH_ub + 1:] if 0 <= eH_ub + 1 < len(s) else s[-1:]
+        lower = max(float(tail[0]) ** 2 / (M * xubar), float(np.mean(tail**2)) / M)
+        if not upper > lower > 0:
+            sigma2 = upper
+        else:
+            res = minimize_scalar(
+                _evb_free_energy, args=(L, M, s, xubar), bounds=(lower, upper), method="bounded"
+            )
+            sigma2 = float(res.x)
+    if sigma2 <= 0:
+        return int(np.sum(s > 0))
+    threshold = math.sqrt(M * sigma2 * (1 + tauubar) * (1 + alpha / tauubar))
+    return int(np.sum(s > threshold))
+
+
+def _evb_free_energy(sigma2: float, L: int, M: int, s: np.ndarray, xubar: float) -> float:
+    """EVB free energy as a function of the noise variance (fully observed, H = L)."""
+    alpha = L / M
+    x = s**2 / (M * sigma2)
+    z1 = x[x > xubar]
+    z2 = x[x <= xubar]
+    tau_z1 = 0.5 * (z1 - (1 + alpha) + np.sqrt(np.maximum((z1 - (1 + alpha)) ** 2 - 4 * alpha, 0)))
+    term1 = np.sum(z2 - np.log(np.maximum(z2, 1e-300)))
+    term2 = np.sum(z1 - tau_z1)
+    term3 = np.sum(np.log((tau_z1 + 1) / z1))
+    term4 = alpha * np.sum(np.log(tau_z1 / alpha + 1))
+    return float(term1 + term2 + term3 + term4)

@@ -1,0 +1,146 @@
+"""What a rank selector sees: layers as blocks of ranked components with costs.
+
+A compressor turns each target layer into a :class:`LayerPlan`: one or more :class:`RankBlock`
+(a block is a set of components ordered by importance — singular values, eigenvalues of an
+output second moment — whose ``energies`` are the error each component removes) and a cost
+function of the blocks' ranks. Rank selectors only ever see this, so one selector serves every
+compressor: Global SVD has one block per layer, Tucker-2 two coupled blocks (input and output
+mode), HSC one block per (region, cluster).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hsc_plugin.calibration import LayerInfo
+
+__all__ = ["RankBlock", "LayerPlan", "RankProblem"]
+
+
+@dataclass
+class RankBlock:
+    """Ordered components of one block; ``energies[i]`` is the error removed by component i."""
+
+    energies: np.ndarray
+    label: str = ""
+    min_rank: int = 1
+    step: int = 1
+    matrix: torch.Tensor | None = None  # the matrix whose spectrum this is (for VBMF)
+
+    def __post_init__(self) -> None:
+        self.energies = np.clip(np.asarray(self.energies, dtype=np.float64).reshape(-1), 0.0, None)
+        self.min_rank = min(self.min_rank, self.max_rank)
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.energies.shape[0])
+
+    @property
+    def total(self) -> float:
+        return float(self.energies.sum())
+
+    def round(self, rank: int) -> int:
+        """Clamp to [min_rank, max_rank] and round up to a multiple of ``step`` (or to full)."""
+        rank = max(self.min_rank, min(int(rank), self.max_rank))
+        if self.step > 1 and rank % self.step:
+            rank = min(self.max_rank, rank + self.step - rank % self.step)
+        return rank
+
+
+class LayerPlan(ABC):
+    """How one layer can be factorised: its blocks, its cost at any ranks, and the builder.
+
+    A configuration whose every block is at full rank means "keep the layer dense" (exact, and
+    never more expensive than the factorised form at full rank).
+    """
+
+    def __init__(self, info: LayerInfo, blocks: list[RankBlock], dense_cost: dict[str, float],
+                 total_energy: float | None = None) -> None:
+        self.info = info
+        self.name = info.name
+        self.blocks = blocks
+        self.dense_cost = dense_cost
+        self.total_energy = total_energy if total_energy is not None else sum(b.total for b in blocks)
+        self.dense_fallback = True
+        self.note = ""  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
+
+    # -- costs -------------------------------------------------------------------------------
+    @abstractmethod
+    def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        """Cost (MACs per sample or params) of the factorised layer at these ranks."""
+
+    @abstractmethod
+    def build(self, ranks: list[int]) -> nn.Module:
+        """The factorised module at these ranks (with the layer's dtype and device)."""
+
+    def is_dense(self, ranks: list[int]) -> bool:
+        return self.dense_fallback and all(r >= b.max_rank for r, b in zip(ranks, self.blocks))
+
+    def cost(self, ranks: list[int], metric: str) -> float:
+        if self.is_dense(ranks):
+            return self.dense_cost[metric]
+        return self.factorised_cost(ranks, metric)
+
+    # -- rank moves ----------------------------------------------------------------------------
+    def min_ranks(self) -> list[int]:
+        return [b.round(b.min_rank) for b in self.blocks]
+
+    def full_ranks(self) -> list[int]:
+        return [b.max_rank for b in self.blocks]
+
+    def next_ranks(self, ranks: list[int], index: int, metric: str) -> list[int] | None:
+        """Ranks after one more step of block ``index``; jumps to dense where that is cheaper."""
+        block = self.blocks[index]
+        if ranks[index] >= block.max_rank:
+            return None
+        new = list(ranks)
+        new[index] = block.round(ranks[index] + block.step)
+        if self.dense_fallback and not self.is_dense(new):
+            if self.factorised_cost(new, metric) >= self.dense_cost[metric]:
+                return self.full_ranks()
+        return new
+
+    def finalise(self, ranks: list[int], metric: str) -> list[int]:
+        """Round ranks and keep the layer dense when the factorised form would not be cheaper."""
+        ranks = [b.round(r) for r, b in zip(ranks, self.blocks)]
+        if self.dense_fallback and self.factorised_cost(ranks, metric) >= self.dense_cost[metric]:
+            return self.full_ranks()
+        return ranks
+
+    def retained(self, ranks: list[int]) -> float:
+        return float(sum(b.energies[:r].sum() for r, b in zip(ranks, self.blocks)))
+
+    def gain(self, old: list[int], new: list[int]) -> float:
+        """Normalised error removed by moving from ``old`` to ``new`` ranks."""
+        if self.total_energy <= 0:
+            return 0.0
+        return (self.retained(new) - self.retained(old)) / self.total_energy
+
+    def predicted_error(self, ranks: list[int]) -> float:
+        """Relative error the spectra predict: sqrt(discarded / total energy)."""
+        if self.is_dense(ranks) or self.total_energy <= 0:
+            return 0.0
+        return max(0.0, 1.0 - self.retained(ranks) / self.total_energy) ** 0.5
+
+    def describe(self, ranks: list[int]) -> dict[str, Any]:
+        """Extra per-layer report fields (tiling, clusters …); JSON-safe."""
+        return {"note": self.note} if self.note else {}
+
+
+@dataclass
+class RankProblem:
+    """All plans of a compression run and the budget they must share."""
+
+    plans: list[LayerPlan]
+    metric: str = "macs"
+    target: float | None = None  # allowed total cost of the plans' layers; None = no budget
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def cost(self, ranks: list[list[int]]) -> float:
+        return sum(p.cost(r, self.metric) for p, r in zip(self.plans, ranks))

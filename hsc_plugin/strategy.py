@@ -1,0 +1,56 @@
+"""The strategy interfaces: what a plugin implements to become a rank selector, a spatial
+partitioner or a channel clusterer. Built-ins live in ``hsc_plugin.strategies``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from hsc_plugin.plan import RankProblem
+
+__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "Strategy"]
+
+
+class Strategy(ABC):
+    """Base of every pluggable strategy: a registry ``name`` and keyword-only options."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+    def config(self) -> dict[str, Any]:
+        """JSON-safe description, for reports."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}
+
+
+class RankSelector(Strategy):
+    """Chooses the rank of every block of every layer (``select`` returns ranks per plan)."""
+
+    kind = "rank_selector"
+    needs_budget: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(self, problem: RankProblem) -> list[list[int]]: ...
+
+
+class SpatialPartitioner(Strategy):
+    """Tiles a layer's output map into rectangles from per-cell statistics."""
+
+    kind = "partitioner"
+
+    @abstractmethod
+    def partition(self, cell_stats: Any) -> Any: ...
+
+
+class ChannelClusterer(Strategy):
+    """Groups channels from a co-activation (|correlation|) matrix; returns a label per channel."""
+
+    kind = "clusterer"
+
+    @abstractmethod
+    def cluster(self, coactivation: np.ndarray) -> np.ndarray: ...

@@ -1,0 +1,61 @@
+"""Shared fixtures: small models, the MRI images (shared data set if present, else the bundled sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MRI = REPO.parent / "shared" / "data" / "brain-mri-128"
+
+
+def mri_root() -> Path:
+    """Real brain-MRI images: ../shared when present (development, CI), else the bundled sample."""
+    if SHARED_MRI.is_dir():
+        return SHARED_MRI
+    from hsc_plugin.mri.data import bundled_sample_path
+
+    return bundled_sample_path()
+
+
+class SmallCNN(nn.Module):
+    """A custom CNN (not from timm) with every kind of layer the compressors meet."""
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_chans, 16, 3, padding=1)
+        self.body = nn.Sequential(
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=2), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 1), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 64), nn.ReLU(),
+                                  nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(torch.relu(self.stem(x))))
+
+
+@pytest.fixture
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Parameters, buffers and structure, to prove a model was not touched."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, repr(model)
+
+
+def assert_unchanged(model: nn.Module, snap: tuple[dict[str, torch.Tensor], str]) -> None:
+    state, structure = snap
+    assert repr(model) == structure
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
