@@ -171,7 +171,10 @@ def create(kind: str, spec: Any, base: type, **options: Any) -> Any:
     except TypeError as exc:
         import inspect
 
-        params = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+        if hasattr(cls, "option_names"):
+            params = cls.option_names()
+        else:
+            params = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         bad = sorted(set(options) - set(params))
         if bad:
             raise ValueError(

@@ -12,7 +12,14 @@ from torch import nn
 
 from hsc_plugin import compress
 
-METHODS = [("global_svd", False), ("global_svd", True), ("tucker2", False), ("tucker2", True)]
+METHODS = [("global_svd", False), ("global_svd", True), ("tucker2", False), ("tucker2", True),
+           ("hsc", "input"), ("hsc", "output")]
+
+
+def _options(method: str, variant: object) -> dict:
+    if method == "hsc":  # 2×2 regions, 3 clusters: every level of HSC is exercised
+        return {"channel_side": variant, "grid": (2, 2), "n_clusters": 3, "min_region": 2}
+    return {"data_aware": variant}
 
 
 def _configs() -> list[dict]:
@@ -62,11 +69,11 @@ def _id(c: dict) -> str:
 
 @pytest.mark.parametrize("method,data_aware", METHODS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
-def test_full_rank_is_exact(cfg: dict, method: str, data_aware: bool) -> None:
+def test_full_rank_is_exact(cfg: dict, method: str, data_aware: object) -> None:
     torch.manual_seed(0)
     model, x = _make_conv(cfg)
     res = compress(model, method, calib=x, rank="fixed", rank_ratio=1.0, dense_fallback=False,
-                   data_aware=data_aware)
+                   **_options(method, data_aware))
     layer = res.report.layers[0]
     assert layer.status == "factorised", layer
     assert not isinstance(res.model[0], nn.Conv2d)
@@ -77,7 +84,7 @@ def test_full_rank_is_exact(cfg: dict, method: str, data_aware: bool) -> None:
 
 @pytest.mark.parametrize("method,data_aware", METHODS)
 @pytest.mark.parametrize("cfg", CONFIGS[:: max(1, len(CONFIGS) // 16)], ids=_id)
-def test_error_does_not_grow_with_rank(cfg: dict, method: str, data_aware: bool) -> None:
+def test_error_does_not_grow_with_rank(cfg: dict, method: str, data_aware: object) -> None:
     torch.manual_seed(0)
     model, x = _make_conv(cfg)
     with torch.no_grad():
@@ -85,7 +92,7 @@ def test_error_does_not_grow_with_rank(cfg: dict, method: str, data_aware: bool)
         errors = []
         for ratio in (0.25, 0.5, 0.75, 1.0):
             res = compress(model, method, calib=x, rank="fixed", rank_ratio=ratio, dense_fallback=False,
-                           data_aware=data_aware)
+                           **_options(method, data_aware))
             errors.append((res.model(x) - ref).norm().item() / ref.norm().item())
     assert errors[-1] <= 1e-5
     for lo, hi in zip(errors[1:], errors[:-1]):
@@ -94,7 +101,7 @@ def test_error_does_not_grow_with_rank(cfg: dict, method: str, data_aware: bool)
 
 @pytest.mark.parametrize("method,data_aware", METHODS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_full_rank_and_monotone(method: str, data_aware: bool, bias: bool) -> None:
+def test_linear_full_rank_and_monotone(method: str, data_aware: object, bias: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 12, bias=bias))
     x = torch.randn(64, 20)
@@ -103,7 +110,7 @@ def test_linear_full_rank_and_monotone(method: str, data_aware: bool, bias: bool
         errors = []
         for ratio in (0.25, 0.5, 1.0):
             res = compress(model, method, calib=x, rank="fixed", rank_ratio=ratio, dense_fallback=False,
-                           data_aware=data_aware)
+                           **_options(method, data_aware))
             errors.append((res.model(x) - ref).norm().item() / ref.norm().item())
     assert type(res.model[0]).__name__ == "LowRankLinear"
     assert errors[-1] <= 1e-5

@@ -125,6 +125,11 @@ class Compressor(ABC):
     def statistics(self, info: LayerInfo) -> list[Accumulator]:
         """Accumulators to attach to this layer during the calibration pass (may be empty)."""
 
+    def second_statistics(self, info: LayerInfo, stats: list[Accumulator]) -> list[Accumulator]:
+        """Accumulators for a second calibration pass, chosen from the first pass's statistics
+        (e.g. per-cluster statistics once clusters are known). Default: none."""
+        return []
+
     @abstractmethod
     def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
         """How to factorise the layer, or a string saying why it is left as it is."""
@@ -229,6 +234,10 @@ class Compressor(ABC):
         if any(stats.values()):
             n_samples = run_calibration(work, stats, calib, progress=self.progress,
                                         desc=f"{self.name}: calibration")
+            extra = {n: self.second_statistics(infos[n], stats[n]) for n in live}
+            if any(extra.values()):
+                run_calibration(work, extra, calib, progress=self.progress, desc=f"{self.name}: calibration 2")
+                stats = {n: stats[n] + extra[n] for n in live}
         plans: list[LayerPlan] = []
         bar = tqdm(live, desc=f"{self.name}: decompose", unit="layer", leave=False,
                    disable=not progress_enabled(self.progress))

@@ -1,0 +1,315 @@
+"""Spatial tilings and the HSC layer that executes them (``SpatioChannelConv2d``).
+
+A :class:`Tiling` splits a layer's output map into axis-aligned rectangles expressed on a grid of
+cells (relative coordinates), so a compressed model runs at any input size: at run time a cell
+edge ``i`` of a ``g``-cell axis of length ``H`` sits at ``i * H // g`` (integer arithmetic, which
+tracers handle). Tilings are guillotine trees (grids and quadtrees are), so the regions'
+outputs are assembled with ``torch.cat`` alone — no in-place writes, so autograd, TorchScript,
+``torch.export`` and ONNX all work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Tiling", "RegionBlock", "SpatioChannelConv2d", "SPATIAL_TYPES", "explicit_padding"]
+
+Tree = Union[int, tuple[str, list[Any]]]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Rectangles ``(r0, r1, c0, c1)`` (half-open, in cells of a ``grid``) and how they nest.
+
+    ``tree`` is a leaf index into ``regions`` or ``("h" | "w", [children])``: children stacked
+    along height or width.
+    """
+
+    grid: tuple[int, int]
+    regions: tuple[tuple[int, int, int, int], ...]
+    tree: Any = field(default=0)
+
+    @staticmethod
+    def full(grid: tuple[int, int] = (1, 1)) -> "Tiling":
+        return Tiling(tuple(grid), ((0, grid[0], 0, grid[1]),), 0)
+
+    @staticmethod
+    def uniform(grid: tuple[int, int], rows: int, cols: int) -> "Tiling":
+        """``rows × cols`` regions on a cell grid (edges at ``i * cells // rows``)."""
+        gh, gw = grid
+        rows, cols = max(1, min(rows, gh)), max(1, min(cols, gw))
+        re = [i * gh // rows for i in range(rows + 1)]
+        ce = [j * gw // cols for j in range(cols + 1)]
+        regions, bands = [], []
+        for i in range(rows):
+            cells = []
+            for j in range(cols):
+                cells.append(len(regions))
+                regions.append((re[i], re[i + 1], ce[j], ce[j + 1]))
+            bands.append(cells[0] if cols == 1 else ("w", cells))
+        tree: Any = bands[0] if rows == 1 else ("h", bands)
+        return Tiling((gh, gw), tuple(regions), tree)
+
+    @property
+    def n_regions(self) -> int:
+        return len(self.regions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "regions": [list(r) for r in self.regions], "tree": _tree_json(self.tree)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Tiling":
+        return Tiling(tuple(d["grid"]), tuple(tuple(r) for r in d["regions"]), _tree_from_json(d["tree"]))
+
+    def program(self) -> list[tuple[int, list[int]]]:
+        """The tree as a flat list of concatenations over slots 0..n-1 (the regions' outputs)."""
+        steps: list[tuple[int, list[int]]] = []
+        counter = [self.n_regions]
+
+        def walk(node: Any) -> int:
+            if isinstance(node, int):
+                return node
+            axis, children = node
+            slots = [walk(c) for c in children]
+            steps.append((2 if axis == "h" else 3, slots))
+            counter[0] += 1
+            return counter[0] - 1
+
+        walk(self.tree)
+        return steps
+
+
+def _tree_json(node: Any) -> Any:
+    return node if isinstance(node, int) else [node[0], [_tree_json(c) for c in node[1]]]
+
+
+def _tree_from_json(node: Any) -> Any:
+    return node if isinstance(node, int) else (node[0], [_tree_from_json(c) for c in node[1]])
+
+
+def explicit_padding(conv_padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding, resolving 'same' / 'valid' as PyTorch does."""
+    if conv_padding == "valid":
+        return (0, 0, 0, 0)
+    if conv_padding == "same":
+        out = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = conv_padding
+    return (ph, ph, pw, pw)
+
+
+class RegionBlock(nn.Module):
+    """One region's factorised conv, with its channel clusters.
+
+    ``side="output"``: one k×k conv computes every cluster's filters (Ci → K), then a 1×1 per
+    output cluster maps its k_c filters back to its channels (a zero-rank cluster outputs its
+    bias). ``side="input"``: each input cluster's channels go through their own k×k conv
+    (|c| → k_c; one grouped conv when clusters and ranks are balanced), then one 1×1 maps the
+    K = Σ k_c filters to all outputs — the block-term form.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        geometry: dict[str, Any],
+        side: str,
+        clusters: list[list[int]],
+        ranks: list[int],
+        bias: bool,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        geo = dict(geometry)
+        self.side = side
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.clusters = [list(map(int, c)) for c in clusters]
+        self.ranks = [int(r) for r in ranks]
+        self.kernel_size = tuple(geo["kernel_size"])
+        self.stride = tuple(geo["stride"])
+        self.dilation = tuple(geo["dilation"])
+        self.padding = geo["padding"] if isinstance(geo["padding"], str) else tuple(geo["padding"])
+        self.padding_mode = geo["padding_mode"]
+        conv_kw = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
+                       padding=self.padding, padding_mode=self.padding_mode, bias=False, **kw)
+        kept = [i for i, r in enumerate(self.ranks) if r > 0]
+        self.total_rank = sum(self.ranks)
+        self.reduces = nn.ModuleList()
+        self.expands = nn.ModuleList()
+        self.slices: list[list[int]] = []
+        self.has_bias = bias
+        if side == "input":
+            index = [ch for i in kept for ch in self.clusters[i]]
+            self.register_buffer("in_index", torch.tensor(index, dtype=torch.long, device=device), persistent=False)
+            sizes = [len(self.clusters[i]) for i in kept]
+            rks = [self.ranks[i] for i in kept]
+            if len(kept) > 1 and len(set(sizes)) == 1 and len(set(rks)) == 1:
+                self.reduces.append(nn.Conv2d(sum(sizes), sum(rks), groups=len(kept), **conv_kw))
+                self.slices.append([0, sum(sizes)])
+            else:
+                start = 0
+                for s, r in zip(sizes, rks):
+                    self.reduces.append(nn.Conv2d(s, r, **conv_kw))
+                    self.slices.append([start, start + s])
+                    start += s
+            if self.total_rank > 0:
+                self.expands.append(nn.Conv2d(self.total_rank, out_channels, 1, bias=bias, **kw))
+            self.register_buffer("out_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        elif side == "output":
+            self.register_buffer("in_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+            if self.total_rank > 0:
+                self.reduces.append(nn.Conv2d(in_channels, self.total_rank, **conv_kw))
+            start = 0
+            order: list[int] = []
+            for i in kept:
+                self.expands.append(nn.Conv2d(self.ranks[i], len(self.clusters[i]), 1, bias=bias, **kw))
+                self.slices.append([start, start + self.ranks[i]])
+                start += self.ranks[i]
+                order += self.clusters[i]
+            dropped = [ch for i, r in enumerate(self.ranks) if r == 0 for ch in self.clusters[i]]
+            order += dropped
+            self.n_dropped = len(dropped)
+            identity = order == list(range(out_channels))
+            inv = torch.argsort(torch.tensor(order, dtype=torch.long)) if not identity else torch.zeros(0, dtype=torch.long)
+            self.register_buffer("out_index", inv.to(device), persistent=False)
+            self.register_buffer("dropped_bias", torch.zeros(len(dropped), **kw))
+            self.dropped = dropped
+        else:
+            raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
+        if side == "input" or self.total_rank == 0:
+            self.register_buffer("const_bias", torch.zeros(out_channels, **kw))
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        pt, pb, pl, pr = explicit_padding(self.padding, self.kernel_size, self.dilation)
+        kh, kw = self.kernel_size
+        dh, dw = self.dilation
+        sh, sw = self.stride
+        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.side == "input":
+            if self.total_rank == 0:
+                ho, wo = self.out_size(x.shape[2], x.shape[3])
+                return self.const_bias.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo)
+            xs = x.index_select(1, self.in_index)
+            zs = [conv(xs[:, self.slices[i][0]:self.slices[i][1]]) for i, conv in enumerate(self.reduces)]
+            z = zs[0] if len(zs) == 1 else torch.cat(zs, 1)
+            return self.expands[0](z)
+        # output side
+        if self.total_rank == 0:
+            ho, wo = self.out_size(x.shape[2], x.shape[3])
+            return self.const_bias.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo)
+        z = self.reduces[0](x)
+        parts = [e(z[:, self.slices[i][0]:self.slices[i][1]]) for i, e in enumerate(self.expands)]
+        if self.n_dropped > 0:
+            parts.append(self.dropped_bias.view(1, -1, 1, 1).expand(z.shape[0], -1, z.shape[2], z.shape[3]))
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if self.out_index.numel() > 0:
+            y = y.index_select(1, self.out_index)
+        return y
+
+    def spec(self) -> dict[str, Any]:
+        return {"side": self.side, "clusters": self.clusters, "ranks": self.ranks}
+
+
+class SpatioChannelConv2d(nn.Module):
+    """An HSC-compressed conv: one :class:`RegionBlock` per region of a :class:`Tiling`.
+
+    With one region the blocks use the layer's own padding. With several, the input is padded
+    once (honouring ``padding_mode``), each region crops the input window it needs (its output
+    rows/columns plus the kernel's halo) and runs its block without padding, and the outputs are
+    assembled by ``torch.cat`` following the tiling's tree.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        geometry: dict[str, Any],
+        tiling: Tiling,
+        side: str,
+        region_clusters: list[list[list[int]]],
+        region_ranks: list[list[int]],
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.geometry = dict(geometry)
+        self.tiling = tiling
+        self.side = side
+        self.single = tiling.n_regions == 1
+        geo = dict(geometry)
+        k = tuple(geo["kernel_size"])
+        d = tuple(geo["dilation"])
+        self.pad = list(explicit_padding(geo["padding"] if isinstance(geo["padding"], str) else tuple(geo["padding"]), k, d))
+        self.padding_mode = geo["padding_mode"]
+        self.stride = list(geo["stride"])
+        self.halo = [d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1]
+        if not self.single:
+            geo["padding"] = (0, 0)
+            geo["padding_mode"] = "zeros"
+        self.blocks = nn.ModuleList(
+            RegionBlock(in_channels, out_channels, geo, side, c, r, bias, device=device, dtype=dtype)
+            for c, r in zip(region_clusters, region_ranks)
+        )
+        self.grid = list(tiling.grid)
+        self.regions = [list(r) for r in tiling.regions]
+        self.program = tiling.program()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.single:
+            return self.blocks[0](x)
+        if self.padding_mode == "zeros":
+            xp = F.pad(x, [self.pad[2], self.pad[3], self.pad[0], self.pad[1]])
+        else:
+            xp = F.pad(x, [self.pad[2], self.pad[3], self.pad[0], self.pad[1]], mode=self.padding_mode)
+        h_out = (xp.shape[2] - self.halo[0]) // self.stride[0] + 1
+        w_out = (xp.shape[3] - self.halo[1]) // self.stride[1] + 1
+        gh, gw = self.grid[0], self.grid[1]
+        slots: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            r0, r1, c0, c1 = self.regions[i][0], self.regions[i][1], self.regions[i][2], self.regions[i][3]
+            o0, o1 = r0 * h_out // gh, r1 * h_out // gh
+            q0, q1 = c0 * w_out // gw, c1 * w_out // gw
+            crop = xp[:, :, o0 * self.stride[0]:(o1 - 1) * self.stride[0] + self.halo[0],
+                      q0 * self.stride[1]:(q1 - 1) * self.stride[1] + self.halo[1]]
+            slots.append(block(crop))
+        for axis, members in self.program:
+            slots.append(torch.cat([slots[m] for m in members], axis))
+        return slots[-1]
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "type": "SpatioChannelConv2d",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "geometry": self.geometry,
+            "tiling": self.tiling.to_dict(),
+            "side": self.side,
+            "region_clusters": [b.clusters for b in self.blocks],
+            "region_ranks": [b.ranks for b in self.blocks],
+            "bias": self.blocks[0].has_bias,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], **kw: Any) -> "SpatioChannelConv2d":
+        args = {k: v for k, v in spec.items() if k != "type"}
+        args["tiling"] = Tiling.from_dict(args["tiling"])
+        return cls(**args, **kw)
+
+
+SPATIAL_TYPES: dict[str, type[nn.Module]] = {"SpatioChannelConv2d": SpatioChannelConv2d}
