@@ -1,0 +1,69 @@
+"""Measured latency: what a user's device actually gains, not what MACs promise."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["measure_latency", "num_threads"]
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op CPU threads."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    batch: int = 1,
+    runs: int = 20,
+    warmup: int = 5,
+    threads: int | None = 2,
+    device: str | torch.device | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Median (and quartiles) of wall-clock forward time in milliseconds.
+
+    ``input_shape`` is per sample (C, H, W). Runs ``warmup`` untimed passes first; on CUDA each
+    run is synchronised. The model is put in eval mode for the measurement and restored after.
+    """
+    param = next(model.parameters())
+    dev = torch.device(device) if device is not None else param.device
+    x = torch.randn(batch, *input_shape, device=dev, dtype=param.dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    try:
+        with num_threads(threads if dev.type == "cpu" else None):
+            for _ in range(warmup):
+                model(x)
+            sync()
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        model.train(was_training)
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "runs": float(runs)}

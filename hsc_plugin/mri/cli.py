@@ -1,0 +1,112 @@
+"""``hsc demo`` and ``hsc reproduce``: the brain-MRI experiment from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["add_commands", "demo", "reproduce"]
+
+
+def _model_cache_name(prefix: str, data: Path, recipe: Any, seed: int) -> str:
+    key = f"{data.resolve()}|{recipe}|{seed}"
+    return f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+
+
+def _trained_model(data: Path, recipe: Any, seed: int, prefix: str, progress: bool):
+    from hsc_plugin.mri import alexnet_mri, load_or_train, load_split
+
+    train = load_split(data, "train", recipe.input_size)
+    test = load_split(data, "test", recipe.input_size)
+    name = _model_cache_name(prefix, data, recipe, seed)
+    t0 = time.perf_counter()
+    model = load_or_train(name, lambda: alexnet_mri(width=recipe.width, input_size=recipe.input_size), train,
+                          seed=seed, progress=progress, **recipe.train_kwargs())
+    return model, train, test, time.perf_counter() - t0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Train (or reuse) a small AlexNet on the bundled sample, compress it 3× with every method,
+    print the comparison, write the JSON report and the Pareto plot."""
+    from hsc_plugin.mri import default_data_path, demo_recipe
+    from hsc_plugin.mri.experiment import QUICK_SETTINGS, run_comparison
+    from hsc_plugin.mri.report import machine_description, plot_pareto, save_json, text_table
+
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    data = Path(args.data) if args.data else default_data_path()
+    out = Path(args.out_dir)
+    recipe = demo_recipe()
+    print(f"data: {data}")
+    model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-demo", not args.quiet)
+    print(f"model: alexnet_mri(width={recipe.width}, input_size={recipe.input_size}) ready in {t_train:.0f}s "
+          f"({len(train)} train / {len(test)} test images)")
+    rows = run_comparison(model, train, test, settings=QUICK_SETTINGS, ratios=tuple(args.ratios), n_calib=128,
+                          latency_runs=20, n_boot=1000, seed=args.seed, progress=not args.quiet)
+    print()
+    print(text_table(rows))
+    meta = {"command": "hsc demo " + " ".join(sys.argv[2:]), "data": str(data), "machine": machine_description(),
+            "recipe": vars(recipe) if hasattr(recipe, "__dict__") else str(recipe),
+            "seconds": time.perf_counter() - start}
+    js = save_json(rows, out / "demo_report.json", meta)
+    png = plot_pareto(rows, out / "demo_pareto.png", title="hsc demo: bundled brain-MRI sample")
+    print(f"\nreport: {js}\nplot:   {png}\ntotal {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    """The paper's experiment: every method at 3× and 6×, compress-only and fine-tuned."""
+    from hsc_plugin.mri import paper_recipe
+    from hsc_plugin.mri.experiment import DEFAULT_SETTINGS, QUICK_SETTINGS, run_comparison
+    from hsc_plugin.mri.report import PAPER, machine_description, markdown_table, plot_pareto, save_json, text_table
+
+    start = time.perf_counter()
+    data = Path(args.data)
+    out = Path(args.out_dir)
+    recipe = paper_recipe()
+    model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-paper", not args.quiet)
+    settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
+    rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
+                          finetune_epochs=args.finetune_epochs, latency=not args.no_latency, seed=args.seed,
+                          progress=not args.quiet)
+    print(text_table(rows))
+    command = "hsc reproduce " + " ".join(sys.argv[2:])
+    seconds = time.perf_counter() - start
+    meta = {"command": command, "data": str(data), "machine": machine_description(), "recipe": str(recipe),
+            "seconds": seconds, "train_or_load_seconds": t_train, "paper": PAPER}
+    save_json(rows, out / "results.json", meta)
+    plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
+    md = [f"# Brain-MRI reproduction\n", f"Command: `{command}`  ", f"Machine: {meta['machine']}  ",
+          f"Wall time: {seconds / 60:.1f} min (model training/loading {t_train / 60:.1f} min)\n",
+          markdown_table(rows), "", "![Pareto](pareto.png)", ""]
+    (out / "RESULTS.md").write_text("\n".join(md))
+    print(f"written {out / 'RESULTS.md'}")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    d = sub.add_parser("demo", help="the main job: train, compress 3x with every method, compare (bundled data)")
+    d.add_argument("--data", help="data folder (Kaggle layout); default: $HSC_MRI_DATA or the bundled sample")
+    d.add_argument("--out-dir", default="hsc-demo", help="where the JSON report and the plot go")
+    d.add_argument("--ratios", type=float, nargs="+", default=[3.0])
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=demo)
+
+    r = sub.add_parser("reproduce", help="the paper's experiment on the full brain-MRI data")
+    r.add_argument("--data", required=True, help="data folder, e.g. ../shared/data/brain-mri-128")
+    r.add_argument("--out-dir", default="benchmarks/results")
+    r.add_argument("--ratios", type=float, nargs="+", default=[3.0, 6.0])
+    r.add_argument("--finetune-epochs", type=int, default=2)
+    r.add_argument("--n-calib", type=int, default=256)
+    r.add_argument("--no-latency", action="store_true")
+    r.add_argument("--quick", action="store_true", help="three settings only (tests)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=reproduce)

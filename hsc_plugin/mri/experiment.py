@@ -1,0 +1,156 @@
+"""The comparison at the heart of the paper: compress one trained classifier with every method at
+the same budgets and measure what matters (accuracy with bootstrap SEs, macro-F1, per-class F1,
+MACs, parameters, measured CPU latency, compression time and memory).
+
+Used by ``benchmarks/hsc_mri.py``, ``hsc demo`` and ``hsc reproduce``.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from hsc_plugin.api import compress
+from hsc_plugin.budget import Budget
+from hsc_plugin.costs import measure_costs
+from hsc_plugin.latency import measure_latency
+from hsc_plugin.mri.data import CLASSES
+from hsc_plugin.mri.metrics import bootstrap_se, classification_metrics
+from hsc_plugin.mri.train import evaluate, finetune
+
+__all__ = ["Setting", "DEFAULT_SETTINGS", "QUICK_SETTINGS", "evaluate_model", "run_comparison", "calibration_subset"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One compressor configuration of the comparison."""
+
+    label: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# HSC settings span the three levels: regions (none / grid / quadtree), clusters, channel side.
+DEFAULT_SETTINGS: tuple[Setting, ...] = (
+    Setting("global_svd (data-free)", "global_svd"),
+    Setting("global_svd (data-aware)", "global_svd", {"data_aware": True}),
+    Setting("tucker2 (data-free)", "tucker2"),
+    Setting("tucker2 (data-aware)", "tucker2", {"data_aware": True}),
+    Setting("hsc 1x1 regions, 4 input clusters", "hsc", {"partition": "none", "channel_side": "input", "n_clusters": 4}),
+    Setting("hsc 2x2 regions, 1 cluster", "hsc", {"grid": (2, 2), "clusterer": "single", "channel_side": "output"}),
+    Setting("hsc 2x2 regions, 4 output clusters", "hsc", {"grid": (2, 2), "channel_side": "output", "n_clusters": 4}),
+    Setting("hsc 2x2 regions, 2 input clusters", "hsc", {"grid": (2, 2), "channel_side": "input", "n_clusters": 2}),
+    Setting("hsc 2x2 regions, 4 input clusters", "hsc", {"grid": (2, 2), "channel_side": "input", "n_clusters": 4}),
+    Setting("hsc quadtree, 4 input clusters", "hsc", {"partition": "quadtree", "channel_side": "input", "n_clusters": 4}),
+)
+
+QUICK_SETTINGS: tuple[Setting, ...] = (
+    Setting("global_svd (data-aware)", "global_svd", {"data_aware": True}),
+    Setting("tucker2 (data-aware)", "tucker2", {"data_aware": True}),
+    Setting("hsc (defaults)", "hsc"),
+)
+
+
+def calibration_subset(data: TensorDataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded training images (without labels) for calibration."""
+    x = data.tensors[0]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=g)[:n]
+    return x[idx]
+
+
+def evaluate_model(model: nn.Module, test: TensorDataset, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class F1 and their bootstrap standard errors on ``test``."""
+    y_true, y_pred = evaluate(model, test)
+    m = classification_metrics(y_true, y_pred, len(CLASSES))
+    se = bootstrap_se(y_true, y_pred, len(CLASSES), n_resamples=n_boot, seed=seed)
+    out = {"accuracy": m["accuracy"], "accuracy_se": se["accuracy"], "macro_f1": m["macro_f1"],
+           "macro_f1_se": se["macro_f1"], "metrics": m, "bootstrap_se": se}
+    for i, name in enumerate(CLASSES):
+        out[f"f1_{name}"] = _per_class(m, "f1", i)
+        out[f"f1_{name}_se"] = _per_class(se, "f1", i)
+    return out
+
+
+def _per_class(d: dict[str, Any], key: str, i: int) -> float:
+    v = d[key]
+    return float(v[i] if isinstance(v, (list, tuple)) else v.get(i, v.get(str(i))))
+
+
+def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int) -> dict[str, Any]:
+    c = measure_costs(model, torch.zeros(1, *input_shape))
+    row: dict[str, Any] = {"macs": c.macs, "params": c.params}
+    if latency:
+        row["latency_b1_ms"] = measure_latency(model, input_shape, batch=1, runs=runs)["median_ms"]
+        row["latency_b32_ms"] = measure_latency(model, input_shape, batch=32, runs=runs)["median_ms"]
+    return row
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_comparison(
+    model: nn.Module,
+    train: TensorDataset,
+    test: TensorDataset,
+    *,
+    settings: tuple[Setting, ...] = DEFAULT_SETTINGS,
+    ratios: tuple[float, ...] = (3.0, 6.0),
+    n_calib: int = 256,
+    finetune_epochs: int = 0,
+    finetune_lr: float = 5e-4,
+    latency: bool = True,
+    latency_runs: int = 20,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Rows for the original model and for every (setting, ratio): compress-only, and fine-tuned
+    (distilled from the original) when ``finetune_epochs > 0``."""
+    model = model.eval()
+    input_shape = tuple(test.tensors[0].shape[1:])
+    calib = calibration_subset(train, n_calib, seed)
+    base = {"method": "original", "setting": "uncompressed", "ratio": 1.0, "stage": "-"}
+    base.update(_costs_and_latency(model, input_shape, latency, latency_runs))
+    base.update(evaluate_model(model, test, n_boot=n_boot, seed=seed))
+    rows = [base]
+    log(f"original: acc {base['accuracy']:.4f}  MACs {base['macs']:,}")
+    for ratio in ratios:
+        for s in settings:
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            try:
+                result = compress(model, s.method, calib=calib, budget=Budget(ratio), seed=seed,
+                                  progress=progress, **s.options)
+            except ValueError as exc:  # a budget a method cannot meet is a result, not a crash
+                log(f"{s.label} @ {ratio:g}x: {exc}")
+                rows.append({"method": s.method, "setting": s.label, "ratio": ratio, "stage": "failed",
+                             "error": str(exc)})
+                continue
+            seconds = time.perf_counter() - t0
+            row = {"method": s.method, "setting": s.label, "ratio": ratio, "stage": "compress-only",
+                   "options": s.options, "compress_s": seconds, "peak_rss_mb": _peak_rss_mb(),
+                   "achieved_ratio": result.report.achieved_ratio}
+            row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs))
+            row.update(evaluate_model(result.model, test, n_boot=n_boot, seed=seed))
+            rows.append(row)
+            log(f"{s.label} @ {ratio:g}x: acc {row['accuracy']:.4f}  MACs {row['macs']:,}  ({seconds:.1f}s)")
+            if finetune_epochs > 0:
+                tuned = finetune(copy.deepcopy(result.model), train, epochs=finetune_epochs, lr=finetune_lr,
+                                 teacher=model, seed=seed, progress=progress)
+                ft = dict(row, stage="fine-tuned")
+                ft.update(evaluate_model(tuned, test, n_boot=n_boot, seed=seed))
+                if latency:
+                    ft.update(_costs_and_latency(tuned, input_shape, latency, latency_runs))
+                rows.append(ft)
+                log(f"  fine-tuned: acc {ft['accuracy']:.4f}")
+    return rows

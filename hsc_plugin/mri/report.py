@@ -1,0 +1,138 @@
+"""Tables and Pareto plots of comparison rows (see :mod:`hsc_plugin.mri.experiment`)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["markdown_table", "text_table", "pareto_front", "plot_pareto", "save_json", "machine_description"]
+
+PAPER = {
+    "gflops_before": 8.21, "gflops_after": 1.55, "flops_reduction": "81.1%", "speedup": 1.38,
+    "accuracy_before": 0.8776, "accuracy_after": 0.8980,
+}
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads available, latency measured with 2"
+
+
+def _speedup(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    if key in row and key in base and row[key]:
+        return f"{base[key] / row[key]:.2f}x"
+    return "-"
+
+
+def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    if row.get("stage") == "failed":
+        return [row["setting"], f"{row['ratio']:g}x", "failed", row.get("error", "")[:60]] + ["-"] * 8
+    lat1 = row.get("latency_b1_ms")
+    lat32 = row.get("latency_b32_ms")
+    return [
+        row["setting"],
+        f"{row['ratio']:g}x",
+        row["stage"],
+        f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_se']:.2f}",
+        f"{100 * row['macro_f1']:.2f} ± {100 * row['macro_f1_se']:.2f}",
+        f"{100 * row['f1_meningioma']:.2f} ± {100 * row['f1_meningioma_se']:.2f}",
+        f"{row['macs'] / 1e6:.2f}",
+        f"{row['params'] / 1e6:.3f}",
+        "-" if lat1 is None else f"{lat1:.2f}",
+        "-" if lat32 is None else f"{lat32:.1f}",
+        f"{_speedup(row, base, 'latency_b1_ms')} / {_speedup(row, base, 'latency_b32_ms')}",
+        "-" if "compress_s" not in row else f"{row['compress_s']:.1f}",
+    ]
+
+
+HEADER = ["setting", "budget", "stage", "accuracy % (± SE)", "macro-F1 % (± SE)", "F1 meningioma %",
+          "MMACs", "M params", "ms b1", "ms b32", "speed-up b1 / b32", "compress s"]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    base = rows[0]
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cells(r, base)) + " |")
+    return "\n".join(lines)
+
+
+def text_table(rows: Sequence[dict[str, Any]]) -> str:
+    base = rows[0]
+    table = [HEADER] + [_cells(r, base) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(HEADER))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in table)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower cost x, higher accuracy y), sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Accuracy against MACs and against measured latency (batch 1), Pareto fronts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("stage") != "failed" and "accuracy" in r]
+    axes_keys = [("macs", "MMACs per image", 1e-6)]
+    if any("latency_b1_ms" in r for r in ok):
+        axes_keys.append(("latency_b1_ms", "CPU latency, batch 1 (ms)", 1.0))
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(6.5 * len(axes_keys), 4.8), squeeze=False)
+    families = {"hsc": ("tab:red", "o"), "global_svd": ("tab:blue", "s"), "tucker2": ("tab:green", "^"),
+                "original": ("black", "*")}
+    for ax, (key, label, scale) in zip(axes[0], axes_keys):
+        pts = [(r[key] * scale, 100 * r["accuracy"]) for r in ok if key in r]
+        rs = [r for r in ok if key in r]
+        for fam, (color, marker) in families.items():
+            sel = [(p, r) for p, r in zip(pts, rs) if r["method"] == fam]
+            if sel:
+                ax.scatter([p[0] for p, _ in sel], [p[1] for p, _ in sel], c=color, marker=marker,
+                           label=fam, alpha=0.8, s=60 if fam == "original" else 35)
+        front = pareto_front(pts)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front (all)")
+        for fam in ("hsc", "global_svd", "tucker2"):
+            idx = [i for i, r in enumerate(rs) if r["method"] in (fam, "original")]
+            sub = [pts[i] for i in idx]
+            if len(sub) > 1:
+                f = pareto_front(sub)
+                ax.plot([sub[i][0] for i in f], [sub[i][1] for i in f], "-", lw=0.8, alpha=0.5,
+                        color=families[fam][0])
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def save_json(rows: Sequence[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str))
+    return out
