@@ -17,6 +17,7 @@ from hsc_plugin.costs import ModelCost, measure_costs
 from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
 from hsc_plugin.report import CompressionResult, LayerReport, Report
+from hsc_plugin.serialization import load, save
 from hsc_plugin.strategy import ChannelClusterer, RankSelector, SpatialPartitioner
 
 __version__ = "0.1.0"
@@ -42,6 +43,8 @@ __all__ = [
     "hookimpl",
     "list_plugins",
     "finetune",
+    "save",
+    "load",
 ]
 
 

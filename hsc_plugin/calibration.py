@@ -26,6 +26,7 @@ __all__ = [
     "OutputMoment",
     "InputChannelMoment",
     "run_calibration",
+    "check_batch",
     "progress_enabled",
 ]
 
@@ -86,7 +87,8 @@ def first_batch(calib: Any) -> torch.Tensor:
     return next(iter_batches(calib))
 
 
-def _check_batch(x: torch.Tensor, ref: torch.Tensor | None, dtype: torch.dtype) -> None:
+def check_batch(x: torch.Tensor, ref: torch.Tensor | None) -> None:
+    """Floating point, finite, and the same per-sample shape as the first batch ``ref``."""
     if not torch.is_floating_point(x):
         raise CalibrationError(f"Calibration inputs must be floating point, got dtype {x.dtype}")
     if ref is not None and x.shape[1:] != ref.shape[1:]:
@@ -158,7 +160,7 @@ def trace_layers(model: nn.Module, names: Sequence[str], example: torch.Tensor) 
     for n in names:
         handles.append(modules[n].register_forward_hook(make_hook(n)))
     try:
-        _check_batch(example, None, example.dtype)
+        check_batch(example, None)
         _forward(model, example[:1])
     finally:
         for h in handles:
@@ -273,7 +275,7 @@ def run_calibration(
         bar = tqdm(iter_batches(calib), desc=desc, unit="batch", disable=not progress_enabled(progress),
                    leave=False)
         for x in bar:
-            _check_batch(x, ref, x.dtype)
+            check_batch(x, ref)
             ref = x if ref is None else ref
             if param is not None and x.dtype != param.dtype:
                 x = x.to(param.dtype)

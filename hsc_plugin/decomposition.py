@@ -71,29 +71,35 @@ def tucker2(
     *,
     S_out: torch.Tensor | None = None,
     S_in: torch.Tensor | None = None,
+    n_iter: int = 3,
+    backend: str = "gram",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tucker-2 of a conv weight ``W`` (Co×Ci×kh×kw) over its two channel modes.
 
     Returns ``(U_out: Co×R_out, core: R_out×R_in×kh×kw, V_in: Ci×R_in)`` so that the layer becomes
     1×1 conv with weight ``V_inᵀ`` → k×k conv with ``core`` → 1×1 conv with ``U_out``.
 
-    Data-free (the literature's default): TensorLy's Tucker on the torch backend (HOSVD
-    initialisation refined by HOOI), modes 0 and 1 only. Data-aware when second moments are
+    Data-free (the literature's default): HOSVD initialisation refined by ``n_iter`` HOOI sweeps
+    over modes 0 and 1. ``backend="gram"`` takes each mode's factor from the eigenvectors of the
+    small C×C Gram matrix of its unfolding (fast, float64); ``backend="tensorly"`` runs TensorLy's
+    ``partial_tucker`` on the torch backend (same algorithm, full SVDs of the wide unfoldings:
+    about 10× slower on ResNet-sized layers). Data-aware when second moments are
     given: the output factor comes from the output second moment (reduced-rank regression) and
     the input factor from the SVD of ``Σ_in^{1/2} W_(1)`` (input whitening), so the kept factors
     minimise the output error on the calibration data instead of the weight error.
     """
     Wd = W.double()
     if S_out is None and S_in is None:
-        import tensorly as tl
-        from tensorly.decomposition import partial_tucker
+        if backend == "tensorly":
+            import tensorly as tl
+            from tensorly.decomposition import partial_tucker
 
-        with tl.backend_context("pytorch"):
-            (core, factors), _ = partial_tucker(
-                Wd, rank=[rank_out, rank_in], modes=[0, 1], init="svd", n_iter_max=3, tol=1e-6
-            )
-        U_out, V_in = factors
-        return U_out, core, V_in
+            with tl.backend_context("pytorch"):
+                (core, factors), _ = partial_tucker(
+                    Wd, rank=[rank_out, rank_in], modes=[0, 1], init="svd", n_iter_max=n_iter, tol=1e-8
+                )
+            return factors[0], core, factors[1]
+        return _hooi2(Wd, rank_out, rank_in, n_iter)
     # Data-aware path.
     if S_in is not None:
         root, inv_root = sqrtm_psd(S_in)
@@ -110,6 +116,21 @@ def tucker2(
         U_out, _, _ = truncated_svd(_unfold(Wd, 0), rank_out)
     core = torch.einsum("oikl,or,is->rskl", Wd, U_out, lift_in)
     return U_out, core, proj_in
+
+
+def _top_eigvecs_of_gram(A: torch.Tensor, k: int) -> torch.Tensor:
+    return sym_eig_desc(A @ A.T)[1][:, :k]
+
+
+def _hooi2(W: torch.Tensor, rank_out: int, rank_in: int, n_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial Tucker over modes 0 and 1 by HOOI, every factor from a Gram eigen-decomposition."""
+    U = _top_eigvecs_of_gram(_unfold(W, 0), rank_out)
+    V = _top_eigvecs_of_gram(_unfold(W, 1), rank_in)
+    for _ in range(n_iter):
+        U = _top_eigvecs_of_gram(_unfold(torch.einsum("oikl,is->oskl", W, V), 0), rank_out)
+        V = _top_eigvecs_of_gram(_unfold(torch.einsum("oikl,or->rikl", W, U), 1), rank_in)
+    core = torch.einsum("oikl,or,is->rskl", W, U, V)
+    return U, core, V
 
 
 def evbmf_rank(Y: torch.Tensor, sigma2: float | None = None) -> int:

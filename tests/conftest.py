@@ -9,6 +9,10 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One intra-op thread: the suite is many tiny ops, and on a shared 2-core machine two threads per
+# process oversubscribe the cores (LAPACK calls were seen 10x slower). Latency lives in benchmarks/.
+torch.set_num_threads(1)
 SHARED_MRI = REPO.parent / "shared" / "data" / "brain-mri-128"
 
 

@@ -25,6 +25,7 @@ from hsc_plugin.calibration import (
     Accumulator,
     CalibrationError,
     LayerInfo,
+    check_batch,
     first_batch,
     iter_batches,
     progress_enabled,
@@ -343,7 +344,7 @@ class Compressor(ABC):
         )
         if inplace:
             for n, m in new_modules.items():
-                set_submodule(model, n, m)
+                set_submodule(model, n, m.train(model.training))
             out = model
         else:
             work.train(model.training)
@@ -384,8 +385,11 @@ class Compressor(ABC):
             handles.append(mods[n].register_forward_hook(make_hook(n, m)))
         param = next(work.parameters())
         try:
+            ref: torch.Tensor | None = None
             for x in tqdm(iter_batches(calib), desc=f"{self.name}: error", unit="batch", leave=False,
                           disable=not progress_enabled(self.progress)):
+                check_batch(x, ref)
+                ref = x if ref is None else ref
                 work(x.to(device=param.device, dtype=param.dtype))
         finally:
             for h in handles:

@@ -30,8 +30,9 @@ def group_blocks(S: torch.Tensor, groups: int) -> list[torch.Tensor]:
 class SVDPlan(LayerPlan):
     """Rank-r factorisation ``M_g ≈ B_g A_g`` per group with one shared rank (one block).
 
-    Data-free: A = √s·Vᵀ, B = U·√s from the SVD of the weight. Data-aware: the output second
-    moment's top eigenvectors P (reduced-rank regression): A = Pᵀ M, B = P.
+    ``A = Pᵀ M``, ``B = P`` with P the top eigenvectors of ``S``: the output second moment when
+    data-aware (reduced-rank regression), ``M Mᵀ`` when data-free (P = M's left singular vectors,
+    so ``B A`` is the truncated SVD).
     """
 
     def __init__(self, info: LayerInfo, S: torch.Tensor | None) -> None:
@@ -42,15 +43,14 @@ class SVDPlan(LayerPlan):
         energies = None
         for g, M in enumerate(self.matrices):
             Md = M.double()
-            if S is None:
-                U, s, Vh = torch.linalg.svd(Md, full_matrices=False)
-                spectrum = s**2
-                self.factors.append((U * s.sqrt(), spectrum, s.sqrt()[:, None] * Vh))
-            else:
-                evals, P = rrr_basis(group_blocks(S, self.groups)[g])
-                k = min(M.shape)
-                spectrum = evals[:k]
-                self.factors.append((P[:, :k], spectrum, P[:, :k].T @ Md))
+            # Data-free SVD is the same projection with white inputs (S = M Mᵀ): the top
+            # eigenvectors of M Mᵀ are M's left singular vectors, and eigh of the small C×C Gram
+            # matrix is much faster than an SVD of the wide C×(C_in·k²) matrix.
+            Sg = Md @ Md.T if S is None else group_blocks(S, self.groups)[g]
+            evals, P = rrr_basis(Sg)
+            k = min(M.shape)
+            spectrum = evals[:k]
+            self.factors.append((P[:, :k], spectrum, P[:, :k].T @ Md))
             energies = spectrum.clone() if energies is None else energies + spectrum
         block = RankBlock(energies.cpu().numpy(), label="rank",
                           matrix=self.matrices[0] if self.groups == 1 and S is None else None)

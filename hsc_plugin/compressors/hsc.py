@@ -42,6 +42,22 @@ def coactivation(S: torch.Tensor) -> np.ndarray:
     return (S.abs() / d[:, None] / d[None, :]).clamp(0, 1).cpu().numpy()
 
 
+def balance_clusters(clusters: list[list[int]], A: np.ndarray) -> list[list[int]]:
+    """Equal-size clusters (sizes differ by at most one) that keep most of a clustering.
+
+    Channels are ordered cluster by cluster, each cluster's channels by their mean co-activation
+    with it (most typical first), and the order is cut into equal consecutive chunks. Equal sizes
+    and a tied rank let the input side run as one grouped conv (ALDS's k-SVD form).
+    """
+    order: list[int] = []
+    for cl in sorted(clusters, key=len, reverse=True):
+        typical = A[np.ix_(cl, cl)].mean(axis=1)
+        order += [cl[i] for i in np.argsort(-typical, kind="stable")]
+    n, total = len(clusters), len(order)
+    edges = [i * total // n for i in range(n + 1)]
+    return [sorted(order[edges[i]:edges[i + 1]]) for i in range(n)]
+
+
 def _edges(n: int, g: int) -> list[int]:
     return [i * n // g for i in range(g + 1)]
 
@@ -129,18 +145,20 @@ class HSCPlan(LayerPlan):
     """Blocks are (region, cluster) pairs; each keeps the top eigenvectors of its statistics."""
 
     def __init__(self, info: LayerInfo, tiling: Tiling, side: str, clusters: list[list[list[int]]],
-                 moments: list[list[torch.Tensor]]) -> None:
+                 moments: list[list[torch.Tensor]], tied: bool = False) -> None:
         m: nn.Conv2d = info.module
         self.tiling = tiling
         self.side = side
         self.clusters = clusters
+        self.tied = tied  # one rank for all clusters of a region: runs as one grouped conv
         self.pixels = _region_pixels(tiling, info.out_hw)
         self.kk = m.kernel_size[0] * m.kernel_size[1]
         W = m.weight.detach().double()
         self.bases: list[list[torch.Tensor]] = []
         blocks: list[RankBlock] = []
         for r, (cl, mom) in enumerate(zip(clusters, moments)):
-            row = []
+            row: list[torch.Tensor] = []
+            spectra: list[torch.Tensor] = []
             for c, (idx, S) in enumerate(zip(cl, mom)):
                 evals, evecs = sym_eig_desc(S)
                 if side == "output":
@@ -148,12 +166,20 @@ class HSCPlan(LayerPlan):
                 else:
                     k = min(m.out_channels, len(idx) * self.kk)
                 row.append(evecs[:, :k])
-                blocks.append(RankBlock(evals[:k].cpu().numpy(), label=f"r{r}c{c}", min_rank=0))
+                if not tied:
+                    blocks.append(RankBlock(evals[:k].cpu().numpy(), label=f"r{r}c{c}", min_rank=0))
+                else:
+                    spectra.append(evals[:k])
+            if tied:
+                kmin = min(len(e) for e in spectra)
+                blocks.append(RankBlock(sum(e[:kmin] for e in spectra).cpu().numpy(), label=f"r{r}", min_rank=0))
             self.bases.append(row)
         self.W = W
         super().__init__(info, blocks, dense_cost={})
 
     def _split(self, ranks: list[int]) -> list[list[int]]:
+        if self.tied:
+            return [[r] * len(cl) for r, cl in zip(ranks, self.clusters)]
         out, i = [], 0
         for cl in self.clusters:
             out.append(list(ranks[i:i + len(cl)]))
@@ -258,11 +284,15 @@ class HSC(Compressor):
         clusterer: str | ChannelClusterer = "agglomerative",
         n_clusters: int | None = 4,
         channel_side: str = "input",
+        balanced: bool = False,
         cells: tuple[int, int] | int = (8, 8),
         min_region: int = 4,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        if balanced and channel_side != "input":
+            raise ValueError("balanced=True applies to channel_side='input' (equal input clusters run as one grouped conv)")
+        self.balanced = bool(balanced)
         if channel_side not in ("input", "output"):
             raise ValueError(f"channel_side must be 'input' or 'output', got {channel_side!r}")
         self.partition = partition
@@ -313,8 +343,12 @@ class HSC(Compressor):
         return accs
 
     def _cluster(self, S: torch.Tensor) -> list[list[int]]:
-        labels = self._clusterer.cluster(coactivation(S))
-        return [np.flatnonzero(labels == c).tolist() for c in range(int(labels.max()) + 1)]
+        A = coactivation(S)
+        labels = self._clusterer.cluster(A)
+        clusters = [np.flatnonzero(labels == c).tolist() for c in range(int(labels.max()) + 1)]
+        if self.balanced and len(clusters) > 1:
+            clusters = balance_clusters(clusters, A)
+        return clusters
 
     def second_statistics(self, info: LayerInfo, stats: list[Accumulator]) -> list[Accumulator]:
         if not self._spatial(info) or self.channel_side != "input":
@@ -332,7 +366,7 @@ class HSC(Compressor):
         cells: CellStats = stats[0]  # type: ignore[assignment]
         if self.channel_side == "input":
             contrib: ClusterContributions = stats[-1]  # type: ignore[assignment]
-            return HSCPlan(info, contrib.tiling, "input", contrib.clusters, contrib.T)
+            return HSCPlan(info, contrib.tiling, "input", contrib.clusters, contrib.T, tied=self.balanced)
         tiling = self._partitioner.partition(cells)
         clusters, moments = [], []
         for reg in tiling.regions:

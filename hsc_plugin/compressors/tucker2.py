@@ -44,7 +44,9 @@ class Tucker2Plan(LayerPlan):
                 ei = torch.linalg.svdvals(root @ _unfold(Wg, 1)) ** 2
             else:
                 ei = torch.linalg.svdvals(_unfold(Wg, 1)) ** 2
-            eo, ei = eo[: Wg.shape[0]], ei[: Wg.shape[1]]
+            kk = Wg.shape[2] * Wg.shape[3]
+            # A mode's rank is at most the other dimension of its unfolding.
+            eo, ei = eo[: min(Wg.shape[0], Wg.shape[1] * kk)], ei[: min(Wg.shape[1], Wg.shape[0] * kk)]
             e_out = eo if e_out is None else e_out + eo
             e_in = ei if e_in is None else e_in + ei
         data_free = S_out is None and self.groups == 1
