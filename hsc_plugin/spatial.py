@@ -141,6 +141,7 @@ class RegionBlock(nn.Module):
         self.dilation = tuple(geo["dilation"])
         self.padding = geo["padding"] if isinstance(geo["padding"], str) else tuple(geo["padding"])
         self.padding_mode = geo["padding_mode"]
+        self.pad4 = list(explicit_padding(self.padding, self.kernel_size, self.dilation))
         conv_kw = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
                        padding=self.padding, padding_mode=self.padding_mode, bias=False, **kw)
         kept = [i for i, r in enumerate(self.ranks) if r > 0]
@@ -149,6 +150,10 @@ class RegionBlock(nn.Module):
         self.expands = nn.ModuleList()
         self.slices: list[list[int]] = []
         self.has_bias = bias
+        self.n_dropped = 0
+        self.dropped: list[int] = []
+        # Every attribute exists on both sides so that TorchScript compiles either branch.
+        self.register_buffer("const_bias", torch.zeros(out_channels, **kw))
         if side == "input":
             index = [ch for i in kept for ch in self.clusters[i]]
             self.register_buffer("in_index", torch.tensor(index, dtype=torch.long, device=device), persistent=False)
@@ -166,6 +171,7 @@ class RegionBlock(nn.Module):
             if self.total_rank > 0:
                 self.expands.append(nn.Conv2d(self.total_rank, out_channels, 1, bias=bias, **kw))
             self.register_buffer("out_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+            self.register_buffer("dropped_bias", torch.zeros(0, **kw))
         elif side == "output":
             self.register_buffer("in_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
             if self.total_rank > 0:
@@ -187,11 +193,9 @@ class RegionBlock(nn.Module):
             self.dropped = dropped
         else:
             raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
-        if side == "input" or self.total_rank == 0:
-            self.register_buffer("const_bias", torch.zeros(out_channels, **kw))
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        pt, pb, pl, pr = explicit_padding(self.padding, self.kernel_size, self.dilation)
+        pt, pb, pl, pr = self.pad4[0], self.pad4[1], self.pad4[2], self.pad4[3]
         kh, kw = self.kernel_size
         dh, dw = self.dilation
         sh, sw = self.stride
