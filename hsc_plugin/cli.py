@@ -125,9 +125,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps([{"kind": r.kind, "name": r.name, "class": f"{r.cls.__module__}.{r.cls.__qualname__}",
                            "origin": r.origin} for r in rows], indent=2))
         return 0
-    print(f"{'kind':<15} {'name':<16} {'origin':<28} class")
+    print(f"{'kind':<15} {'name':<16} {'origin':<34} class")
     for r in rows:
-        print(f"{r.kind:<15} {r.name:<16} {r.origin:<28} {r.cls.__module__}.{r.cls.__qualname__}")
+        print(f"{r.kind:<15} {r.name:<16} {r.origin:<34} {r.cls.__module__}.{r.cls.__qualname__}")
     return 0
 
 

@@ -60,7 +60,8 @@ class Tiling:
         return len(self.regions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"grid": list(self.grid), "regions": [list(r) for r in self.regions], "tree": _tree_json(self.tree)}
+        return {"grid": [int(g) for g in self.grid], "regions": [[int(v) for v in r] for r in self.regions],
+                "tree": _tree_json(self.tree)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Tiling":
@@ -72,8 +73,8 @@ class Tiling:
         counter = [self.n_regions]
 
         def walk(node: Any) -> int:
-            if isinstance(node, int):
-                return node
+            if not isinstance(node, (tuple, list)):
+                return int(node)
             axis, children = node
             slots = [walk(c) for c in children]
             steps.append((2 if axis == "h" else 3, slots))
@@ -85,11 +86,13 @@ class Tiling:
 
 
 def _tree_json(node: Any) -> Any:
-    return node if isinstance(node, int) else [node[0], [_tree_json(c) for c in node[1]]]
+    if isinstance(node, (tuple, list)):
+        return [str(node[0]), [_tree_json(c) for c in node[1]]]
+    return int(node)
 
 
 def _tree_from_json(node: Any) -> Any:
-    return node if isinstance(node, int) else (node[0], [_tree_from_json(c) for c in node[1]])
+    return int(node) if not isinstance(node, list) else (node[0], [_tree_from_json(c) for c in node[1]])
 
 
 def explicit_padding(conv_padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -14,6 +14,9 @@ VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 # shellcheck disable=SC2086
 $VPY -m pip install --quiet $TORCH_SPEC
+$VPY -m pip install --quiet "setuptools>=68" wheel
 $VPY -m pip install --quiet -e ".[dev,nni,tp]"
-$VPY -m pip install --quiet --no-deps ./examples/plugin_rank_selector
+# The example third-party plugin packages (the tests check they register through entry points).
+$VPY -m pip install --quiet --no-deps --no-build-isolation ./examples/plugin_rank_selector \
+  ./examples/plugin_foreground_partitioner
 echo "set-up done: $($VPY -c 'import torch, hsc_plugin; print("torch", torch.__version__, "hsc_plugin", hsc_plugin.__version__)')"
