@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[3.0, 6.0])
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-latency", action="store_true", help="skip latency (e.g. on a busy machine)")
+    ap.add_argument("--tag", default="hsc_mri", help="file name stem of the outputs")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -62,18 +64,18 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, **recipe.train_kwargs())
     model.eval()
     rows = run_comparison(model, train, test, settings=DEFAULT_SETTINGS + EXTRA, ratios=tuple(args.ratios),
-                          seed=args.seed, progress=False)
+                          seed=args.seed, progress=False, latency=not args.no_latency)
     print(text_table(rows))
     out = Path(args.out_dir)
     command = "python benchmarks/hsc_mri.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": command, "machine": machine_description(), "recipe": dataclasses.asdict(recipe),
             "seconds": time.perf_counter() - start}
-    save_json(rows, out / "hsc_mri.json", meta)
-    plot_pareto(rows, out / "hsc_mri_pareto.png", title="brain-MRI AlexNet, no fine-tuning")
-    (out / "hsc_mri.md").write_text(
+    save_json(rows, out / f"{args.tag}.json", meta)
+    plot_pareto(rows, out / f"{args.tag}_pareto.png", title="brain-MRI AlexNet, no fine-tuning")
+    (out / f"{args.tag}.md").write_text(
         f"# HSC vs baselines on brain-MRI (no fine-tuning)\n\nCommand: `{command}`  \nMachine: {meta['machine']}  \n"
-        f"Wall time: {meta['seconds'] / 60:.1f} min\n\n{markdown_table(rows)}\n\n![Pareto](hsc_mri_pareto.png)\n")
-    print(f"written {out / 'hsc_mri.md'}")
+        f"Wall time: {meta['seconds'] / 60:.1f} min\n\n{markdown_table(rows)}\n\n![Pareto]({args.tag}_pareto.png)\n")
+    print(f"written {out / (args.tag + '.md')}")
     return 0
 
 

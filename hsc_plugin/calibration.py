@@ -186,36 +186,35 @@ def _channels_last_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class OutputMoment(Accumulator):
-    """Uncentred second moment ``S = Σ y yᵀ`` of the pre-bias output, over batch and positions."""
+class ChannelMoment(Accumulator):
+    """Uncentred channel second moment ``Σ t tᵀ`` over batch and positions, of the pre-bias
+    output (``side="output"``, C_out × C_out) or of the input (``"input"``, C_in × C_in)."""
+
+    side = "output"
 
     def __init__(self, channels: int, device: torch.device) -> None:
         self.S = torch.zeros(channels, channels, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        Y = _channels_last_2d(y).double()
-        self.S += Y.T @ Y
-        self.count += Y.shape[0]
+        T = _channels_last_2d(y if self.side == "output" else x).double()
+        self.S += T.T @ T
+        self.count += T.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.S, self.count]
 
 
-class InputChannelMoment(Accumulator):
+class OutputMoment(ChannelMoment):
+    """``S = Σ y yᵀ`` of the pre-bias output (C_out × C_out)."""
+
+    side = "output"
+
+
+class InputChannelMoment(ChannelMoment):
     """Per-pixel input channel second moment ``Σ x xᵀ`` (C_in × C_in)."""
 
-    def __init__(self, channels: int, device: torch.device) -> None:
-        self.S = torch.zeros(channels, channels, dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        X = _channels_last_2d(x).double()
-        self.S += X.T @ X
-        self.count += X.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.S, self.count]
+    side = "input"
 
 
 def _pre_bias(module: nn.Module, out: torch.Tensor) -> torch.Tensor:

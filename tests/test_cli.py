@@ -25,14 +25,6 @@ FACTORY = "_factories:tiny_cnn"
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One BLAS thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def _factories_importable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,14 +18,6 @@ SIZE = 64
 PER_CLASS = 16  # 4 classes: 64 calibration + 64 held-out images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One BLAS thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _load(files: list[Path]) -> torch.Tensor:
     arrays = [np.asarray(Image.open(f).convert("L").resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32) / 255.0

@@ -194,3 +194,17 @@ def test_partitioners() -> None:
     assert quad.partition(same).n_regions == 1
     with pytest.raises(ValueError, match="Did you mean"):
         create("partitioner", "gird", SpatialPartitioner)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_save_load_round_trip(tmp_path, side: str) -> None:
+    from hsc_plugin import load, save
+
+    model, x = _cnn(), torch.randn(8, 3, 32, 32)
+    res = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side)
+    save(res, tmp_path / "m")
+    loaded = load(tmp_path / "m", _cnn())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.model(x))
+    with pytest.raises(ValueError, match="no layer"):
+        load(tmp_path / "m", nn.Sequential(nn.Conv2d(3, 4, 3)))

@@ -32,14 +32,6 @@ BUILTINS = {
 PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q", str(EXAMPLE)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One BLAS thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def example_plugin() -> md.Distribution:

@@ -14,14 +14,6 @@ from hsc_plugin import Budget, BudgetError, CalibrationError, RankProblem, RankS
 from hsc_plugin.modules import FACTORISED_TYPES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One BLAS thread: on a shared 2-core machine this is many times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def modes(model: nn.Module) -> dict[str, bool]:
     return {n: m.training for n, m in model.named_modules()}

@@ -84,6 +84,9 @@ class Compressor(ABC):
     * ``rank_multiple``: round ranks up to a multiple (e.g. 8, for fast kernels).
     * ``progress``: tqdm bars (default: when stderr is a terminal); ``seed``: for strategies that
       draw random numbers; ``measure_error``: measure each layer's output error on ``calib``.
+    * ``latency_guard``: time every factorised layer against its dense layer on this device (at
+      ``latency_batch``) and keep dense the ones that are not faster, re-allocating the budget to
+      the others — fewer MACs are worth nothing where the kernels do not realise them.
     """
 
     name: ClassVar[str]
@@ -103,6 +106,8 @@ class Compressor(ABC):
         seed: int = 0,
         measure_error: bool = True,
         calib_batch_size: int = 64,
+        latency_guard: bool = False,
+        latency_batch: int = 1,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -116,6 +121,8 @@ class Compressor(ABC):
         self.seed = int(seed)
         self.measure_error = bool(measure_error)
         self.calib_batch_size = int(calib_batch_size)
+        self.latency_guard = bool(latency_guard)
+        self.latency_batch = int(latency_batch)
 
     # -- what subclasses implement ---------------------------------------------------------------
     def needs_calibration(self) -> bool:
@@ -268,32 +275,44 @@ class Compressor(ABC):
                              f"{ {n: r.reason for n, r in reports.items()} }")
 
         target_names = [n for n in names if n in infos]
-        target: float | None = None
         base_ref = 0.0
         if budget is not None:
-            plan_dense = sum(p.dense_cost[metric] for p in plans)
             if budget.scope == "model":
                 base_ref = float(before.of(metric))
             else:
                 base_ref = float(sum(self._module_cost(before, modules[n], n, metric) for n in target_names))
-            fixed = base_ref - plan_dense
-            target = budget.target_cost(base_ref) - fixed
-            floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
-            if target < floor:
-                best = base_ref / (fixed + floor)
-                raise BudgetError(
-                    f"Cannot reach {budget.ratio:g}x fewer {metric} ({budget.scope}): "
-                    f"{plan_dense / base_ref:.0%} of the {metric} are in factorisable layers, so the "
-                    f"most this method can reach at minimum rank is {best:.2f}x"
-                )
-        problem = RankProblem(plans, metric, target)
-        all_ranks = selector.select(problem)
-        all_ranks = [p.finalise(r, metric) for p, r in zip(plans, all_ranks)]
-
-        new_modules: dict[str, nn.Module] = {}
-        for p, r in zip(plans, all_ranks):
-            if not p.is_dense(r):
-                new_modules[p.name] = p.build(r)
+        slower: dict[str, str] = {}
+        for _ in range(4):  # re-allocate after layers measured slower are kept dense
+            plans = [p for p in plans if p.name not in slower]
+            if not plans:
+                raise BudgetError("Every factorised layer measured slower than its dense layer on this device")
+            target: float | None = None
+            if budget is not None:
+                plan_dense = sum(p.dense_cost[metric] for p in plans)
+                fixed = base_ref - plan_dense
+                target = budget.target_cost(base_ref) - fixed
+                floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
+                if target < floor:
+                    best = base_ref / (fixed + floor)
+                    raise BudgetError(
+                        f"Cannot reach {budget.ratio:g}x fewer {metric} ({budget.scope}): "
+                        f"{plan_dense / base_ref:.0%} of the {metric} are in factorisable layers"
+                        + (f" (after keeping {len(slower)} slower layers dense)" if slower else "")
+                        + f", so the most this method can reach at minimum rank is {best:.2f}x"
+                    )
+            problem = RankProblem(plans, metric, target)
+            all_ranks = selector.select(problem)
+            all_ranks = [p.finalise(r, metric) for p, r in zip(plans, all_ranks)]
+            new_modules: dict[str, nn.Module] = {}
+            for p, r in zip(plans, all_ranks):
+                if not p.is_dense(r):
+                    new_modules[p.name] = p.build(r)
+            newly = self._measured_slower(new_modules, infos) if self.latency_guard else {}
+            if not newly:
+                break
+            slower.update(newly)
+        for n, reason in slower.items():
+            reports[n] = self._layer_report(n, infos[n].module, "dense", reason, before.module_macs.get(n, 0))
         errors = self._measure_errors(work, new_modules, calib) if (calib is not None and self.measure_error) else {}
         for n, m in new_modules.items():
             set_submodule(work, n, m)
@@ -351,6 +370,21 @@ class Compressor(ABC):
             out = work
         report.seconds = time.perf_counter() - t0
         return CompressionResult(out, report)
+
+    def _measured_slower(self, new_modules: dict[str, nn.Module], infos: dict[str, LayerInfo]) -> dict[str, str]:
+        """Layers whose factorised module is not faster than the dense layer, measured here."""
+        from hsc_plugin.latency import measure_latency
+
+        out: dict[str, str] = {}
+        for name, new in new_modules.items():
+            info = infos[name]
+            kw = {"batch": self.latency_batch, "runs": 15, "warmup": 3, "threads": None}
+            dense = measure_latency(info.module, info.in_shape, **kw)["median_ms"]
+            fact = measure_latency(new, info.in_shape, **kw)["median_ms"]
+            if fact >= dense:
+                out[name] = (f"factorised form measured slower here ({fact:.3f} ms vs {dense:.3f} ms dense "
+                             f"at batch {self.latency_batch}); kept dense")
+        return out
 
     @staticmethod
     def _module_cost(cost, module: nn.Module, name: str, metric: str) -> float:
