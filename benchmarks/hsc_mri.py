@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-latency", action="store_true", help="skip latency (e.g. on a busy machine)")
     ap.add_argument("--tag", default="hsc_mri", help="file name stem of the outputs")
+    ap.add_argument("--save-models", help="folder to keep the compressed models in (for latency_mri.py)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, **recipe.train_kwargs())
     model.eval()
     rows = run_comparison(model, train, test, settings=DEFAULT_SETTINGS + EXTRA, ratios=tuple(args.ratios),
-                          seed=args.seed, progress=False, latency=not args.no_latency)
+                          seed=args.seed, progress=False, latency=not args.no_latency,
+                          save_dir=args.save_models)
     print(text_table(rows))
     out = Path(args.out_dir)
     command = "python benchmarks/hsc_mri.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -63,15 +63,24 @@ def demo(args: argparse.Namespace) -> int:
 def reproduce(args: argparse.Namespace) -> int:
     """The paper's experiment: every method at 3× and 6×, compress-only and fine-tuned."""
     from hsc_plugin.mri import paper_recipe
-    from hsc_plugin.mri.experiment import DEFAULT_SETTINGS, QUICK_SETTINGS, run_comparison
+    from hsc_plugin.mri.experiment import DEFAULT_SETTINGS, PAPER_SETTINGS, QUICK_SETTINGS, run_comparison
     from hsc_plugin.mri.report import PAPER, machine_description, markdown_table, plot_pareto, save_json, text_table
 
     start = time.perf_counter()
     data = Path(args.data)
     out = Path(args.out_dir)
     recipe = paper_recipe()
-    model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-paper", not args.quiet)
-    settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS
+    if args.checkpoint:
+        from hsc_plugin.mri import alexnet_mri, load_split
+
+        train, test = load_split(data, "train", recipe.input_size), load_split(data, "test", recipe.input_size)
+        model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
+        model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        model.eval()
+        t_train = 0.0
+    else:
+        model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-paper", not args.quiet)
+    settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS if args.all_settings else PAPER_SETTINGS
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
                           finetune_epochs=args.finetune_epochs, latency=not args.no_latency, seed=args.seed,
                           progress=not args.quiet)
@@ -107,6 +116,8 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--no-latency", action="store_true")
     r.add_argument("--quick", action="store_true", help="three settings only (tests)")
+    r.add_argument("--all-settings", action="store_true", help="every HSC setting of benchmarks/hsc_mri.py")
+    r.add_argument("--checkpoint", help="state_dict of the model trained with paper_recipe() (skips training)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=reproduce)
