@@ -59,7 +59,7 @@ class TrainRecipe:
 
 def paper_recipe() -> TrainRecipe:
     """The recipe for the full brain-mri-128 training split (see ``benchmarks/train_mri.py``)."""
-    return TrainRecipe(input_size=64, width=0.5, epochs=30, lr=2e-3, batch_size=64)
+    return TrainRecipe(input_size=128, width=0.5, epochs=40, lr=2e-3, batch_size=64)
 
 
 def demo_recipe() -> TrainRecipe:
