@@ -64,7 +64,7 @@ def reproduce(args: argparse.Namespace) -> int:
     """The paper's experiment: every method at 3× and 6×, compress-only and fine-tuned."""
     from hsc_plugin.mri import paper_recipe
     from hsc_plugin.mri.experiment import DEFAULT_SETTINGS, PAPER_SETTINGS, QUICK_SETTINGS, run_comparison
-    from hsc_plugin.mri.report import PAPER, machine_description, markdown_table, plot_pareto, save_json, text_table
+    from hsc_plugin.mri.report import PAPER, machine_description, plot_pareto, results_markdown, save_json, text_table
 
     start = time.perf_counter()
     data = Path(args.data)
@@ -91,10 +91,7 @@ def reproduce(args: argparse.Namespace) -> int:
             "seconds": seconds, "train_or_load_seconds": t_train, "paper": PAPER}
     save_json(rows, out / "results.json", meta)
     plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
-    md = [f"# Brain-MRI reproduction\n", f"Command: `{command}`  ", f"Machine: {meta['machine']}  ",
-          f"Wall time: {seconds / 60:.1f} min (model training/loading {t_train / 60:.1f} min)\n",
-          markdown_table(rows), "", "![Pareto](pareto.png)", ""]
-    (out / "RESULTS.md").write_text("\n".join(md))
+    (out / "RESULTS.md").write_text(results_markdown(rows, meta))
     print(f"written {out / 'RESULTS.md'}")
     return 0
 
