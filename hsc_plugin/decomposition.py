@@ -102,6 +102,10 @@ def tucker2(
         return _hooi2(Wd, rank_out, rank_in, n_iter)
     # Data-aware path.
     if S_in is not None:
+        # Scale the moment to unit mean eigenvalue: the kept directions do not change, but the
+        # first 1×1 (∝ Σ^-½) and the core (∝ Σ^½) get comparable magnitudes. Raw sums over
+        # 10⁵ pixels made them differ by 10⁵×, and fine-tuning with Adam then wrecked the model.
+        S_in = S_in * (S_in.shape[0] / S_in.trace().clamp_min(1e-30))
         root, inv_root = sqrtm_psd(S_in)
         E, _, _ = truncated_svd(root @ _unfold(Wd, 1), rank_in)
         proj_in = inv_root @ E  # Ci×R_in: z = proj_inᵀ x
