@@ -8,7 +8,7 @@ import torch
 
 from hsc_plugin.mri import alexnet_mri, bundled_sample_path, load_split
 from hsc_plugin.mri.experiment import Setting, run_comparison
-from hsc_plugin.mri.report import markdown_table, pareto_front, plot_pareto, save_json, text_table
+from hsc_plugin.mri.report import markdown_table, pareto_front, plot_pareto, results_markdown, save_json, text_table
 
 
 def test_pareto_front() -> None:
@@ -34,3 +34,5 @@ def test_comparison_end_to_end(tmp_path) -> None:
     js = json.loads(save_json(rows, tmp_path / "r.json", {"command": "test"}).read_text())
     assert len(js["rows"]) == 5
     assert plot_pareto(rows, tmp_path / "p.png").stat().st_size > 1000
+    md = results_markdown(rows, {"command": "hsc reproduce", "machine": "test", "seconds": 1.0})
+    assert "8.21 G" in md and "89.80%" in md and "| svd | 3x | fine-tuned |" in md
