@@ -21,18 +21,21 @@ input size, so conv2 runs at 16x16 and conv3-5 at 8x8 for 64, 96 and 128 px inpu
 compressors target keep a map large enough for spatial regions. (torchvision's stride-4 stem
 would leave conv3-5 at 3x3 for a 64 px input.) The model still accepts any input size at run time.
 
-Measured with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2, one sample):
+Measured with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2, one sample; the
+counter sees convs and linears, not BN/ReLU/pooling). The stem keeps conv1's output at 32x32, so
+MACs are the same at 64, 96 and 128 px:
 
-=========  =====  ==========  ==========  ==========================
-input px   width  MACs (M)    params (M)  conv3-5 map
-=========  =====  ==========  ==========  ==========================
-64         0.25     14.4        0.67      8x8
-64         0.5      56.3        1.48      8x8
-64         1.0     223.6        3.77      8x8
-96         0.5      58.6        1.49      8x8
-128        0.5      60.5        1.50      8x8
-128        1.0     232.5        3.79      8x8
-=========  =====  ==========  ==========  ==========================
+==========  =====  ========  ==========  ==========================================
+input px    width  MACs (M)  params (M)  conv1-5 output maps / channels
+==========  =====  ========  ==========  ==========================================
+64          0.25     15.5      0.206     32,16,8,8,8 px / 16,48,96,64,64
+64/96/128   0.5      58.0      0.815     32,16,8,8,8 px / 32,96,192,128,128
+128         1.0     224.2      3.246     32,16,8,8,8 px / 64,192,384,256,256
+==========  =====  ========  ==========  ==========================================
+
+Per conv at width 0.5 (M MACs): conv1 4.0, conv2 19.7, conv3 10.6, conv4 14.2, conv5 9.4;
+the classifier adds 0.2. ``paper_recipe()`` (128 px) and ``demo_recipe()`` (96 px) both use
+width 0.5.
 """
 
 from __future__ import annotations
