@@ -7,8 +7,8 @@ bundled brain-mri-128 set was built (transparent pixels onto black, ITU-R 601 lu
 black to a square so the anatomy keeps its aspect ratio, then resized with Lanczos.
 
 The whole split is returned as one in-memory :class:`~torch.utils.data.TensorDataset`: the data
-set is small (6k images of 64x64 are 25 MB), and tensors in memory make CPU training several times
-faster than a per-item ``DataLoader``.
+set is small (6k images of 128x128 are 400 MB as float32, 100 MB as the uint8 decode cache), and
+batches cut from tensors in memory avoid all per-item Python overhead during training.
 """
 
 from __future__ import annotations

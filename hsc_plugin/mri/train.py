@@ -1,7 +1,7 @@
 """Training, distillation fine-tuning, evaluation and a checkpoint cache for the MRI experiment.
 
 The data sets here are small enough to live in memory, so batches are cut from tensors directly
-(no ``DataLoader`` workers; several times faster on a 2-core CPU) and augmented on the whole batch
+(no ``DataLoader`` and no per-item Python overhead) and augmented on the whole batch
 at once (random horizontal flip plus a small random affine: shift, scale, rotation). Everything
 is seeded; with the same seed, data and device a run is repeatable.
 """
@@ -47,6 +47,12 @@ class TrainRecipe:
     batch_size: int
     weight_decay: float = 0.05
 
+    def model(self, num_classes: int = 4, in_chans: int = 1) -> nn.Module:
+        """A fresh :func:`~hsc_plugin.mri.model.alexnet_mri` of this recipe's width and size."""
+        from hsc_plugin.mri.model import alexnet_mri
+
+        return alexnet_mri(num_classes, in_chans, width=self.width, input_size=self.input_size)
+
     def train_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`train`."""
         return {
@@ -58,13 +64,23 @@ class TrainRecipe:
 
 
 def paper_recipe() -> TrainRecipe:
-    """The recipe for the full brain-mri-128 training split (see ``benchmarks/train_mri.py``)."""
+    """The recipe for the full brain-mri-128 training split (``benchmarks/train_mri.py``).
+
+    Measured (seed 0, CPU): 92.9% test accuracy (bootstrap SE 0.7), macro-F1 0.927, on the 1281
+    test images; 40 epochs of 4710 images at 128 px, width 0.5 (58 M MACs, 0.82 M params), in
+    312 s on two otherwise idle CPU cores (630 s with one thread).
+    64 px inputs with the same model reached only 86%, 96 px 89%: resolution matters here.
+    """
     return TrainRecipe(input_size=128, width=0.5, epochs=40, lr=2e-3, batch_size=64)
 
 
 def demo_recipe() -> TrainRecipe:
-    """The recipe for the bundled sample: trains in about a minute on two CPU cores."""
-    return TrainRecipe(input_size=64, width=0.5, epochs=15, lr=2e-3, batch_size=64)
+    """The recipe for the bundled sample (800 train images at 96 px).
+
+    Measured (seed 0, CPU): 85.0% accuracy (bootstrap SE 2.4) on the sample's 240 test images
+    (chance 25%); 51 s of training on two idle CPU cores.
+    """
+    return TrainRecipe(input_size=96, width=0.5, epochs=40, lr=1e-3, batch_size=32)
 
 
 def cache_dir() -> Path:
