@@ -13,6 +13,7 @@ from hsc_plugin.api import compress, create_compressor
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError
 from hsc_plugin.compressors.base import Compressor
+from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import ModelCost, measure_costs
 from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
@@ -33,6 +34,7 @@ __all__ = [
     "Report",
     "LayerReport",
     "measure_costs",
+    "LatencyCostModel",
     "ModelCost",
     "LayerPlan",
     "RankBlock",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ class LayerPlan(ABC):
         self.dense_cost = dense_cost
         self.total_energy = total_energy if total_energy is not None else sum(b.total for b in blocks)
         self.dense_fallback = True
+        # Costs measured rather than counted (e.g. "latency" from a LatencyCostModel): metric →
+        # function of the ranks. The compressor fills this; subclasses need not know about it.
+        self.measured_costs: dict[str, Callable[[list[int]], float]] = {}
         self.note = ""  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
 
     # -- costs -------------------------------------------------------------------------------
@@ -79,13 +82,18 @@ class LayerPlan(ABC):
     def build(self, ranks: list[int]) -> nn.Module:
         """The factorised module at these ranks (with the layer's dtype and device)."""
 
+    def metric_cost(self, ranks: list[int], metric: str) -> float:
+        """Cost of the factorised layer in any metric, measured ones included."""
+        fn = self.measured_costs.get(metric)
+        return fn(ranks) if fn is not None else self.factorised_cost(ranks, metric)
+
     def is_dense(self, ranks: list[int]) -> bool:
         return self.dense_fallback and all(r >= b.max_rank for r, b in zip(ranks, self.blocks))
 
     def cost(self, ranks: list[int], metric: str) -> float:
         if self.is_dense(ranks):
             return self.dense_cost[metric]
-        return self.factorised_cost(ranks, metric)
+        return self.metric_cost(ranks, metric)
 
     # -- rank moves ----------------------------------------------------------------------------
     def min_ranks(self) -> list[int]:
@@ -102,14 +110,14 @@ class LayerPlan(ABC):
         new = list(ranks)
         new[index] = block.round(ranks[index] + block.step)
         if self.dense_fallback and not self.is_dense(new):
-            if self.factorised_cost(new, metric) >= self.dense_cost[metric]:
+            if self.metric_cost(new, metric) >= self.dense_cost[metric]:
                 return self.full_ranks()
         return new
 
     def finalise(self, ranks: list[int], metric: str) -> list[int]:
         """Round ranks and keep the layer dense when the factorised form would not be cheaper."""
         ranks = [b.round(r) for r, b in zip(ranks, self.blocks)]
-        if self.dense_fallback and self.factorised_cost(ranks, metric) >= self.dense_cost[metric]:
+        if self.dense_fallback and self.metric_cost(ranks, metric) >= self.dense_cost[metric]:
             return self.full_ranks()
         return ranks
 

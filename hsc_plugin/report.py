@@ -48,6 +48,9 @@ class Report:
     calibration_samples: int = 0
     input_shape: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    # Latency budgets only: measured ms before/after (model, at the cost model's batch), the
+    # cost model's prediction, and each layer's measured dense time and time-vs-MACs curve.
+    latency: dict[str, Any] | None = None
 
     @property
     def macs_ratio(self) -> float:
@@ -85,9 +88,17 @@ class Report:
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.2f}x)"
         )
         if self.budget is not None:
+            asked = f"{self.budget['ms']} ms" if self.budget.get("ms") is not None else f"{self.budget['ratio']}x"
             lines.append(
-                f"budget {self.budget['ratio']}x {self.budget['metric']} ({self.budget['scope']}): "
+                f"budget {asked} {self.budget['metric']} ({self.budget['scope']}): "
                 f"achieved {self.achieved_ratio:.3f}x, met={self.budget_met}"
+            )
+        if self.latency is not None:
+            pred = self.latency.get("predicted_after_ms")
+            lines.append(
+                f"latency at batch {self.latency['batch']} on {self.latency['device']}: "
+                f"{self.latency['before_ms']:.3f} ms -> {self.latency['after_ms']:.3f} ms measured"
+                + (f" ({pred:.3f} ms predicted)" if pred is not None else "")
             )
         return "\n".join(lines)
 

@@ -177,6 +177,8 @@ def greedy_fill(problem: RankProblem, ranks: list[list[int]]) -> list[list[int]]
     # Coarse layers can leave a gap below the target: one step that overshoots by less than the
     # gap lands closer to the requested ratio.
     best: tuple[float, int, list[int]] | None = None
+    if problem.options.get("upper_bound"):  # e.g. milliseconds: the target is a ceiling
+        return ranks
     for i, plan in enumerate(problem.plans):
         for j in range(len(plan.blocks)):
             new = plan.next_ranks(ranks[i], j, metric)

@@ -32,6 +32,7 @@ from hsc_plugin.calibration import (
     run_calibration,
     trace_layers,
 )
+from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import count_params, measure_costs
 from hsc_plugin.plan import LayerPlan, RankProblem
 from hsc_plugin.registry import create
@@ -87,6 +88,9 @@ class Compressor(ABC):
     * ``latency_guard``: time every factorised layer against its dense layer on this device (at
       ``latency_batch``) and keep dense the ones that are not faster, re-allocating the budget to
       the others — fewer MACs are worth nothing where the kernels do not realise them.
+    * ``cost_model``: the :class:`~hsc_plugin.cost_model.LatencyCostModel` used by latency budgets
+      (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
+      ``latency_batch`` on the model's device.
     """
 
     name: ClassVar[str]
@@ -108,6 +112,7 @@ class Compressor(ABC):
         calib_batch_size: int = 64,
         latency_guard: bool = False,
         latency_batch: int = 1,
+        cost_model: LatencyCostModel | None = None,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -123,6 +128,9 @@ class Compressor(ABC):
         self.calib_batch_size = int(calib_batch_size)
         self.latency_guard = bool(latency_guard)
         self.latency_batch = int(latency_batch)
+        if cost_model is not None and not isinstance(cost_model, LatencyCostModel):
+            raise TypeError(f"cost_model must be a LatencyCostModel, got {type(cost_model).__name__}")
+        self.cost_model = cost_model
 
     # -- what subclasses implement ---------------------------------------------------------------
     def needs_calibration(self) -> bool:
@@ -214,6 +222,7 @@ class Compressor(ABC):
         example = example.to(device=param.device, dtype=param.dtype)
         selector = self.rank_selector(budget)
         metric = budget.metric if budget is not None else "macs"
+        counted = "macs" if metric == "latency" else metric  # what a plan can count without timing
 
         work = copy.deepcopy(model)
         work.eval()
@@ -261,23 +270,29 @@ class Compressor(ABC):
             for b in result.blocks:
                 b.step = max(b.step, self.rank_multiple)
                 b.min_rank = min(max(b.min_rank, min(self.rank_multiple, b.max_rank)), b.max_rank)
-            if self.dense_fallback and result.factorised_cost(result.min_ranks(), metric) >= dense[metric]:
+            if self.dense_fallback and result.factorised_cost(result.min_ranks(), counted) >= dense[counted]:
                 reports[n] = self._layer_report(
                     n, info.module, "dense",
-                    f"factorising cannot save {metric}: the smallest rank costs "
-                    f"{result.factorised_cost(result.min_ranks(), metric):,.0f} >= dense {dense[metric]:,.0f}",
+                    f"factorising cannot save {counted}: the smallest rank costs "
+                    f"{result.factorised_cost(result.min_ranks(), counted):,.0f} >= dense {dense[counted]:,.0f}",
                     int(dense["macs"]))
                 continue
             plans.append(result)
         del stats
+        target_names = [n for n in names if n in infos]
+        latency: dict[str, Any] | None = None
+        if metric == "latency":
+            plans, latency = self._time_plans(plans, work, infos, target_names, example, reports, before)
         if not plans:
             raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
                              f"{ {n: r.reason for n, r in reports.items()} }")
 
-        target_names = [n for n in names if n in infos]
         base_ref = 0.0
         if budget is not None:
-            if budget.scope == "model":
+            if metric == "latency":
+                assert latency is not None
+                base_ref = latency["before_ms"] if budget.scope == "model" else latency["targets_before_ms"]
+            elif budget.scope == "model":
                 base_ref = float(before.of(metric))
             else:
                 base_ref = float(sum(self._module_cost(before, modules[n], n, metric) for n in target_names))
@@ -295,12 +310,12 @@ class Compressor(ABC):
                 if target < floor:
                     best = base_ref / (fixed + floor)
                     raise BudgetError(
-                        f"Cannot reach {budget.ratio:g}x fewer {metric} ({budget.scope}): "
+                        f"Cannot reach {budget.describe()} ({budget.scope}): "
                         f"{plan_dense / base_ref:.0%} of the {metric} are in factorisable layers"
                         + (f" (after keeping {len(slower)} slower layers dense)" if slower else "")
                         + f", so the most this method can reach at minimum rank is {best:.2f}x"
                     )
-            problem = RankProblem(plans, metric, target)
+            problem = RankProblem(plans, metric, target, options={"upper_bound": budget is not None and budget.ms is not None})
             all_ranks = selector.select(problem)
             all_ranks = [p.finalise(r, metric) for p, r in zip(plans, all_ranks)]
             new_modules: dict[str, nn.Module] = {}
@@ -338,17 +353,25 @@ class Compressor(ABC):
 
         achieved = met = None
         if budget is not None:
-            if budget.scope == "model":
+            if metric == "latency":  # as the cost model predicts it; the measured time is reported
+                assert latency is not None
+                after_ref = base_ref - sum(p.dense_cost[metric] - p.cost(r, metric) for p, r in zip(plans, all_ranks))
+                latency["predicted_after_ms"] = after_ref if budget.scope == "model" else None
+            elif budget.scope == "model":
                 after_ref = float(after.of(metric))
             else:
                 after_ref = float(sum(self._module_cost(after, after_modules[n], n, metric) for n in target_names))
             achieved = base_ref / max(after_ref, 1e-12)
-            met = abs(achieved / budget.ratio - 1.0) <= budget.tolerance
+            met = budget.met(base_ref, after_ref)
             if not met:
+                got = f"{after_ref:.3f} ms" if budget.ms is not None else f"{achieved:.3f}x"
                 raise BudgetError(
-                    f"{self.name} reached {achieved:.3f}x instead of {budget.ratio:g}x fewer {metric} "
+                    f"{self.name} reached {got} instead of {budget.describe()} "
                     f"(tolerance {budget.tolerance:.0%}); layers are too coarse for this budget"
                 )
+        if latency is not None:
+            cm = self._cost_model()
+            latency["after_ms"] = cm.time(work, tuple(example.shape[1:]))
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         report = Report(
             method=self.name,
@@ -360,6 +383,7 @@ class Compressor(ABC):
             achieved_ratio=achieved, budget_met=met,
             calibration_samples=n_samples,
             input_shape=list(example.shape[1:]),
+            latency=latency,
         )
         if inplace:
             for n, m in new_modules.items():
@@ -370,6 +394,47 @@ class Compressor(ABC):
             out = work
         report.seconds = time.perf_counter() - t0
         return CompressionResult(out, report)
+
+    def _cost_model(self) -> LatencyCostModel:
+        return self.cost_model if self.cost_model is not None else LatencyCostModel(self.latency_batch)
+
+    def _time_plans(self, plans: list[LayerPlan], work: nn.Module, infos: dict[str, LayerInfo],
+                    target_names: list[str], example: torch.Tensor, reports: dict[str, LayerReport],
+                    before: Any) -> tuple[list[LayerPlan], dict[str, Any]]:
+        """Time the model, every target layer and every plan at a few ranks (the latency metric);
+        keep dense the layers whose cheapest factorisation is not faster here."""
+        cm = self._cost_model()
+        shape = tuple(example.shape[1:])
+        dense_ms: dict[str, float] = {}
+        kept: list[LayerPlan] = []
+        by_name = {p.name: p for p in plans}
+        bar = tqdm(target_names, desc=f"{self.name}: timing", unit="layer", leave=False,
+                   disable=not progress_enabled(self.progress))
+        with torch.no_grad():
+            for n in bar:
+                dense_ms[n] = cm.time(infos[n].module, infos[n].in_shape)
+                p = by_name.get(n)
+                if p is None:
+                    continue
+                p.dense_cost["latency"] = dense_ms[n]
+                p.measured_costs["latency"] = cm.curve(p)
+                fastest = p.metric_cost(p.min_ranks(), "latency")
+                if self.dense_fallback and fastest >= dense_ms[n]:
+                    reports[n] = self._layer_report(
+                        n, infos[n].module, "dense",
+                        f"factorising does not pay in measured time: the smallest rank takes {fastest:.4f} ms "
+                        f">= dense {dense_ms[n]:.4f} ms (batch {cm.batch})", before.module_macs.get(n, 0))
+                    continue
+                kept.append(p)
+            model_ms = cm.time(work, shape)  # after the layers: their kernels are warm by now
+        latency = {"batch": cm.batch, "device": str(example.device), "before_ms": model_ms,
+                   "targets_before_ms": float(sum(dense_ms.values())), "cost_model": cm.config(),
+                   "layers": {p.name: {"dense_ms": dense_ms[p.name], "curve_macs_ms": getattr(
+                       p.measured_costs["latency"], "points", lambda: [])()} for p in kept}}
+        if not kept:
+            raise BudgetError("No targeted layer is faster factorised than dense on this device "
+                              f"(batch {cm.batch}); a latency budget cannot be met by factorising")
+        return kept, latency
 
     def _measured_slower(self, new_modules: dict[str, nn.Module], infos: dict[str, LayerInfo]) -> dict[str, str]:
         """Layers whose factorised module is not faster than the dense layer, measured here."""

@@ -83,7 +83,7 @@ def reproduce(args: argparse.Namespace) -> int:
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS if args.all_settings else PAPER_SETTINGS
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
                           finetune_epochs=args.finetune_epochs, latency=not args.no_latency, seed=args.seed,
-                          progress=not args.quiet)
+                          progress=not args.quiet, save_dir=args.save_models)
     print(text_table(rows))
     command = "hsc reproduce " + " ".join(sys.argv[2:])
     seconds = time.perf_counter() - start
@@ -112,6 +112,7 @@ def add_commands(sub: Any) -> None:
     r.add_argument("--finetune-epochs", type=int, default=2)
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--no-latency", action="store_true")
+    r.add_argument("--save-models", help="keep every compressed model here (hsc_plugin.save format)")
     r.add_argument("--quick", action="store_true", help="three settings only (tests)")
     r.add_argument("--all-settings", action="store_true", help="every HSC setting of benchmarks/hsc_mri.py")
     r.add_argument("--checkpoint", help="state_dict of the model trained with paper_recipe() (skips training)")

@@ -128,27 +128,11 @@ def train(
     elapsed = 0.0
     for epoch in range(epochs):
         start = time.perf_counter()
-        model.train()
-        total_loss, correct = 0.0, 0
-        bar = _bar(steps_per_epoch, f"train {epoch + 1}/{epochs}", progress)
-        for xb, yb in _batches(x, y, batch_size, gen, shuffle=True):
-            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if augment:
-                xb = _augment(xb, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.item() * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
+        loss, acc = _epoch(model, x, y, opt, sched, lambda logits, yb, _: F.cross_entropy(logits, yb), batch_size=batch_size, gen=gen, dev=dev,
+                           augment=augment, desc=f"train {epoch + 1}/{epochs}", progress=progress)
         elapsed += time.perf_counter() - start
-        history["loss"].append(total_loss / len(x))
-        history["train_acc"].append(correct / len(x))
+        history["loss"].append(loss)
+        history["train_acc"].append(acc)
         history["lr"].append(opt.param_groups[0]["lr"])
         if eval_data is not None:
             yt, yp = evaluate(model, eval_data, device=dev)
@@ -173,13 +157,14 @@ def finetune(
     progress: bool = True,
     augment: bool = True,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
 ) -> nn.Module:
     """Fine-tune every parameter of a (compressed) model; optionally distil from ``teacher``.
 
     Loss = ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)`` with
     temperature ``T`` (Hinton et al. 2015); without a teacher it is plain cross-entropy. The
-    teacher is put in eval mode and never updated. AdamW with cosine decay per step, no warm-up
-    (the weights are already good). Any ``nn.Module`` works, whatever its layers are.
+    teacher is put in eval mode and never updated. AdamW (or ``optimizer="sgd"``: Nesterov
+    momentum) with cosine decay per step, no warm-up (the weights are already good). Any ``nn.Module`` works, whatever its layers are.
 
     Returns:
         ``model`` itself, on ``device``, in eval mode.
@@ -195,37 +180,25 @@ def finetune(
     for p in model.parameters():
         p.requires_grad_(True)
     gen = _generator(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = _make_optimizer(list(model.parameters()), optimizer, lr, weight_decay)
     total_steps = epochs * math.ceil(len(x) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
     )
+
+    def loss_fn(logits: Tensor, yb: Tensor, xb: Tensor) -> Tensor:
+        loss = F.cross_entropy(logits, yb)
+        if teacher is None or alpha == 0:
+            return loss
+        with torch.no_grad():
+            t_logits = teacher(xb)
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(t_logits / temperature, dim=1),
+                      reduction="batchmean", log_target=True)
+        return (1.0 - alpha) * loss + alpha * temperature**2 * kd
+
     for epoch in range(epochs):
-        model.train()
-        bar = _bar(math.ceil(len(x) / batch_size), f"finetune {epoch + 1}/{epochs}", progress)
-        for xb, yb in _batches(x, y, batch_size, gen, shuffle=True):
-            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-            if augment:
-                xb = _augment(xb, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if teacher is not None and alpha > 0:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-                kd = F.kl_div(
-                    F.log_softmax(logits / temperature, dim=1),
-                    F.log_softmax(t_logits / temperature, dim=1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                loss = (1.0 - alpha) * loss + alpha * temperature**2 * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
+        _epoch(model, x, y, opt, sched, loss_fn, batch_size=batch_size, gen=gen, dev=dev, augment=augment,
+               desc=f"finetune {epoch + 1}/{epochs}", progress=progress)
     return model.eval()
 
 
@@ -283,6 +256,32 @@ def load_or_train(
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+
+def _epoch(model: nn.Module, x: Tensor, y: Tensor, opt: torch.optim.Optimizer,
+           sched: torch.optim.lr_scheduler.LRScheduler, loss_fn: Callable[..., Tensor], *, batch_size: int,
+           gen: torch.Generator, dev: torch.device, augment: bool, desc: str, progress: bool) -> tuple[float, float]:
+    """One shuffled pass with a per-step schedule; returns (mean loss, training accuracy).
+    ``loss_fn(logits, y, x)`` sees the inputs too, for distillation."""
+    model.train()
+    total_loss, correct = 0.0, 0
+    bar = _bar(math.ceil(len(x) / batch_size), desc, progress)
+    for xb, yb in _batches(x, y, batch_size, gen, shuffle=True):
+        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+        if augment:
+            xb = _augment(xb, gen)
+        logits = model(xb)
+        loss = loss_fn(logits, yb, xb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total_loss += loss.item() * len(yb)
+        correct += int((logits.argmax(1) == yb).sum())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return total_loss / len(x), correct / len(x)
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:

@@ -1,0 +1,97 @@
+"""A per-layer latency cost model measured on the user's device, so budgets can be in milliseconds.
+
+MACs are a poor proxy for time: a factorised layer runs two or three small kernels where the dense
+layer ran one, and on a big GPU (or at batch 1 on a CPU) launches and memory traffic dominate.
+The model times the dense layer and the factorised layer at a few ranks, on the layer's own
+input shape and device, and interpolates time as a function of the factorised layer's MACs
+(monotone, piecewise linear). A rank selector then spends the budget where time is really saved,
+and keeps dense any layer whose smallest factorisation is not faster.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from hsc_plugin.plan import LayerPlan
+
+__all__ = ["LatencyCostModel"]
+
+
+class LatencyCostModel:
+    """Times modules on their own device; subclass and override :meth:`time` to plug in another
+    timer (a device profile, a roofline model, or a fake one in tests).
+
+    ``batch`` is the batch size the model is optimised for (latency at batch 1 and throughput at
+    batch 64 favour different layers); ``fractions`` are the rank levels (fractions of each
+    block's full rank) sampled per layer.
+    """
+
+    def __init__(
+        self,
+        batch: int = 1,
+        *,
+        runs: int = 10,
+        warmup: int = 3,
+        threads: int | None = None,
+        fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75),
+    ) -> None:
+        if batch < 1 or runs < 1:
+            raise ValueError(f"batch and runs must be >= 1, got batch={batch}, runs={runs}")
+        self.batch = int(batch)
+        self.runs = int(runs)
+        self.warmup = int(warmup)
+        self.threads = threads
+        self.fractions = tuple(sorted(set(float(f) for f in fractions)))
+
+    def config(self) -> dict[str, object]:
+        return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions)}
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
+        from hsc_plugin.latency import measure_latency
+
+        return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
+                               threads=self.threads)["median_ms"]
+
+    def curve(self, plan: "LayerPlan") -> Callable[[list[int]], float]:
+        """Milliseconds of the plan's factorised layer as a function of its ranks."""
+        samples: dict[tuple[int, ...], None] = {}
+        for f in self.fractions:
+            ranks = tuple(b.round(max(b.min_rank, math.ceil(f * b.max_rank))) for b in plan.blocks)
+            samples[ranks] = None
+        points = []
+        with torch.no_grad():
+            for ranks in samples:
+                macs = plan.factorised_cost(list(ranks), "macs")
+                ms = self.time(plan.build(list(ranks)), plan.info.in_shape)
+                points.append((macs, ms))
+        points.sort()
+        xs = np.array([p[0] for p in points], dtype=np.float64)
+        ys = np.maximum.accumulate(np.array([p[1] for p in points], dtype=np.float64))  # more MACs never faster
+        return _Interpolated(plan, xs, ys)
+
+
+class _Interpolated:
+    """Piecewise-linear time over MACs; linear extrapolation beyond the last sample."""
+
+    def __init__(self, plan: "LayerPlan", xs: np.ndarray, ys: np.ndarray) -> None:
+        self.plan, self.xs, self.ys = plan, xs, ys
+        if len(xs) >= 2 and xs[-1] > xs[0]:
+            self.slope = max(0.0, float((ys[-1] - ys[0]) / (xs[-1] - xs[0])))
+        else:
+            self.slope = 0.0
+
+    def __call__(self, ranks: list[int]) -> float:
+        m = self.plan.factorised_cost(ranks, "macs")
+        if m > self.xs[-1]:
+            return float(self.ys[-1] + self.slope * (m - self.xs[-1]))
+        return float(np.interp(m, self.xs, self.ys))
+
+    def points(self) -> list[list[float]]:
+        return [[float(x), float(y)] for x, y in zip(self.xs, self.ys)]
