@@ -98,12 +98,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     else:
         calib = None
     budget = None
-    if args.macs and args.params:
-        raise SystemExit("hsc: give either --macs or --params, not both")
-    if args.macs:
-        budget = Budget.parse(args.macs, metric="macs", scope=args.scope)
-    elif args.params:
-        budget = Budget.parse(args.params, metric="params", scope=args.scope)
+    given = [(m, v) for m, v in (("macs", args.macs), ("params", args.params), ("latency", args.latency)) if v]
+    if len(given) > 1:
+        raise SystemExit("hsc: give one of --macs, --params, --latency")
+    if given:
+        metric, text = given[0]
+        budget = Budget.parse(text, metric=metric, scope=args.scope)  # type: ignore[arg-type]
     options = dict(_parse_option(o) for o in args.option)
     result = compress(model, args.method, calib=calib, budget=budget,
                       example_input=torch.randn(1, *shape), **options)
@@ -140,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="hsc", help="compressor name (see `hsc plugins`)")
     c.add_argument("--macs", help="MAC budget, e.g. 3x")
     c.add_argument("--params", help="parameter budget, e.g. 4x")
+    c.add_argument("--latency", help="latency budget measured on this machine: 2x (faster) or 4.5ms; "
+                                     "-o latency_batch=N sets the batch it is measured at")
     c.add_argument("--scope", default="model", choices=["model", "targets"])
     c.add_argument("--calib", help="folder of calibration images, or 'random' (clearly labelled)")
     c.add_argument("--num-calib", type=int, default=64, help="calibration images to use")
@@ -165,6 +167,8 @@ def _add_experiment_commands(sub: Any) -> None:
     except ImportError:
         return
     add_commands(sub)
+    from hsc_plugin.adapters.nni_sweep import add_commands as add_sweep  # ``hsc sweep`` (NNI, adapters/)
+    add_sweep(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

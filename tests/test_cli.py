@@ -131,6 +131,22 @@ def test_the_installed_command_end_to_end(tmp_path: Path) -> None:
     assert abs(report["params_before"] / report["params_after"] / 2.0 - 1) <= 0.02
 
 
+def test_latency_budget_from_the_command_line(tmp_path: Path, capsys) -> None:
+    """Timed on this machine, so only what does not depend on the timings is asserted: a
+    generous ceiling is always met, and the report carries the measurements."""
+    rep = tmp_path / "r.json"
+    assert main(["compress", FACTORY, "--method", "global_svd", "--latency", "1000ms", "--input-size", "3,32,32",
+                 "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    assert report["budget"]["metric"] == "latency" and report["budget"]["ms"] == 1000.0
+    assert report["budget_met"] is True
+    lat = report["latency"]
+    assert lat["batch"] == 1 and lat["before_ms"] > 0 and lat["after_ms"] > 0
+    assert lat["predicted_after_ms"] <= 1000.0
+    assert set(lat["layers"]) <= {L["name"] for L in report["layers"]}
+    assert "latency at batch 1" in capsys.readouterr().out
+
+
 def test_unknown_method_exits_2_with_a_suggestion() -> None:
     done = _hsc("compress", FACTORY, "--method", "global-svd", "--macs", "3x", "--input-size", "3,32,32")
     assert done.returncode == 2
@@ -142,7 +158,7 @@ def test_unknown_method_exits_2_with_a_suggestion() -> None:
     ("args", "message"),
     [
         (["resnet181", "--macs", "3x", "--input-size", "3,32,32"], r"unknown timm model 'resnet181'.*did you mean"),
-        ([FACTORY, "--macs", "3x", "--params", "2x", "--input-size", "3,32,32"], "either --macs or --params"),
+        ([FACTORY, "--macs", "3x", "--params", "2x", "--input-size", "3,32,32"], "one of --macs, --params, --latency"),
         (["no_such_module:factory", "--macs", "3x"], "cannot import 'no_such_module:factory'"),
         ([FACTORY, "--macs", "3x"], "--input-size"),
         ([FACTORY, "--macs", "3x", "--input-size", "3,32,32", "--calib", "/nonexistent/folder"], "no images found"),
