@@ -36,3 +36,31 @@ def test_comparison_end_to_end(tmp_path) -> None:
     assert plot_pareto(rows, tmp_path / "p.png").stat().st_size > 1000
     md = results_markdown(rows, {"command": "hsc reproduce", "machine": "test", "seconds": 1.0})
     assert "8.21 G" in md and "89.80%" in md and "| svd | 3x | fine-tuned |" in md
+
+
+def test_reproduce_latency_pass_adds_latency_to_saved_results(tmp_path, monkeypatch) -> None:
+    """``hsc reproduce --measure-latency``: accuracy first (any machine), latency second (idle)."""
+    from hsc_plugin.cli import main
+    from hsc_plugin.mri import paper_recipe
+
+    recipe = paper_recipe()
+    torch.manual_seed(0)
+    train = load_split(bundled_sample_path(), "train", recipe.input_size, max_per_class=3)
+    test = load_split(bundled_sample_path(), "test", recipe.input_size, max_per_class=2)
+    model = alexnet_mri(width=recipe.width, input_size=recipe.input_size).eval()
+    settings = (Setting("svd", "global_svd", {"data_aware": True}),)
+    models, out = tmp_path / "models", tmp_path / "out"
+    rows = run_comparison(model, train, test, settings=settings, ratios=(3.0,), n_calib=8, finetune_epochs=1,
+                          latency=False, n_boot=20, progress=False, log=lambda s: None, save_dir=str(models))
+    assert all("latency_b1_ms" not in r for r in rows)
+    save_json(rows, out / "results.json", {"command": "hsc reproduce --no-latency", "machine": "test", "seconds": 1.0})
+    argv = ["reproduce", "--measure-latency", str(models), "--out-dir", str(out), "--latency-runs", "2"]
+    monkeypatch.setattr("sys.argv", ["hsc", *argv])  # the command is recorded in RESULTS.md
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["stage"] for r in data["rows"]] == ["-", "compress-only", "fine-tuned"]
+    for r in data["rows"]:
+        assert r["latency_b1_ms"] > 0 and r["latency_b32_ms"] > 0
+    assert data["rows"][1]["latency_b1_ms"] == data["rows"][2]["latency_b1_ms"]  # same structure, timed once
+    md = (out / "RESULTS.md").read_text()
+    assert "--measure-latency" in md and "not measured" not in md

@@ -60,12 +60,69 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_slug(label: str, ratio: float) -> str:
+    """Folder name of a saved compressed model (``run_comparison(save_dir=...)``)."""
+    return f"{ratio:g}x-" + "".join(ch if ch.isalnum() else "_" for ch in label)
+
+
+def measure_saved_latency(args: argparse.Namespace) -> int:
+    """Second pass of ``hsc reproduce``: latency needs an idle machine, accuracy does not. Load the
+    models kept by ``--save-models``, time them (2 threads, batch 1 and 32, median of 20 runs
+    after warm-up) beside the uncompressed model, and rewrite the results with the latency."""
+    import json
+
+    from hsc_plugin import load
+    from hsc_plugin.latency import measure_latency
+    from hsc_plugin.mri import alexnet_mri, paper_recipe
+    from hsc_plugin.mri.report import machine_description, plot_pareto, results_markdown, save_json
+
+    out = Path(args.out_dir)
+    saved = json.loads((out / "results.json").read_text())
+    rows, meta = saved["rows"], saved["meta"]
+    recipe = paper_recipe()
+    shape = (1, recipe.input_size, recipe.input_size)
+
+    def fresh() -> torch.nn.Module:
+        return alexnet_mri(width=recipe.width, input_size=recipe.input_size).eval()
+
+    timed: dict[str, tuple[float, float]] = {}
+
+    def timing(key: str, model: torch.nn.Module) -> tuple[float, float]:
+        if key not in timed:
+            timed[key] = tuple(measure_latency(model, shape, batch=b, runs=args.latency_runs)["median_ms"]
+                               for b in (1, 32))  # type: ignore[assignment]
+            print(f"{key:<60} b1 {timed[key][0]:7.3f} ms  b32 {timed[key][1]:7.2f} ms", flush=True)
+        return timed[key]
+
+    for row in rows:
+        if row.get("stage") == "failed":
+            continue
+        if row["method"] == "original":
+            t = timing("uncompressed", fresh())
+        else:
+            slug = model_slug(row["setting"], row["ratio"])  # fine-tuned rows share the structure
+            t = timing(slug, load(Path(args.measure_latency) / slug, fresh()))
+        row["latency_b1_ms"], row["latency_b32_ms"] = t
+    cmd = "hsc reproduce " + " ".join(sys.argv[2:])
+    meta = dict(meta, latency_command=cmd, latency_machine=machine_description())
+    meta["command"] = f"{meta['command']}` then `{cmd}"
+    save_json(rows, out / "results.json", meta)
+    plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
+    (out / "RESULTS.md").write_text(results_markdown(rows, meta))
+    print(f"latency added to {out / 'RESULTS.md'}")
+    return 0
+
+
 def reproduce(args: argparse.Namespace) -> int:
     """The paper's experiment: every method at 3× and 6×, compress-only and fine-tuned."""
+    if args.measure_latency:
+        return measure_saved_latency(args)
     from hsc_plugin.mri import paper_recipe
     from hsc_plugin.mri.experiment import DEFAULT_SETTINGS, PAPER_SETTINGS, QUICK_SETTINGS, run_comparison
     from hsc_plugin.mri.report import PAPER, machine_description, plot_pareto, results_markdown, save_json, text_table
 
+    if not args.data:
+        raise SystemExit("hsc reproduce: --data is required (e.g. --data ../shared/data/brain-mri-128)")
     start = time.perf_counter()
     data = Path(args.data)
     out = Path(args.out_dir)
@@ -82,7 +139,8 @@ def reproduce(args: argparse.Namespace) -> int:
         model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-paper", not args.quiet)
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS if args.all_settings else PAPER_SETTINGS
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
-                          finetune_epochs=args.finetune_epochs, latency=not args.no_latency, seed=args.seed,
+                          finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                          finetune_optimizer=args.finetune_optimizer, latency=not args.no_latency, seed=args.seed,
                           progress=not args.quiet, save_dir=args.save_models)
     print(text_table(rows))
     command = "hsc reproduce " + " ".join(sys.argv[2:])
@@ -106,13 +164,19 @@ def add_commands(sub: Any) -> None:
     d.set_defaults(func=demo)
 
     r = sub.add_parser("reproduce", help="the paper's experiment on the full brain-MRI data")
-    r.add_argument("--data", required=True, help="data folder, e.g. ../shared/data/brain-mri-128")
+    r.add_argument("--data", help="data folder, e.g. ../shared/data/brain-mri-128 (required unless --measure-latency)")
     r.add_argument("--out-dir", default="benchmarks/results")
     r.add_argument("--ratios", type=float, nargs="+", default=[3.0, 6.0])
     r.add_argument("--finetune-epochs", type=int, default=2)
+    r.add_argument("--finetune-lr", type=float, default=1e-3)
+    r.add_argument("--finetune-optimizer", default="sgd", choices=["sgd", "adamw"])
     r.add_argument("--n-calib", type=int, default=256)
     r.add_argument("--no-latency", action="store_true")
     r.add_argument("--save-models", help="keep every compressed model here (hsc_plugin.save format)")
+    r.add_argument("--measure-latency", metavar="MODELS_DIR",
+                   help="second pass, on an idle machine: time the models saved by --save-models and add "
+                        "the latency to --out-dir's results")
+    r.add_argument("--latency-runs", type=int, default=20)
     r.add_argument("--quick", action="store_true", help="three settings only (tests)")
     r.add_argument("--all-settings", action="store_true", help="every HSC setting of benchmarks/hsc_mri.py")
     r.add_argument("--checkpoint", help="state_dict of the model trained with paper_recipe() (skips training)")
