@@ -226,15 +226,19 @@ def _pre_bias(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return out - bias
 
 
-def _all_reduce(accs: Iterable[Accumulator]) -> None:
-    """Sum statistics over processes when a torch.distributed group is initialised."""
+def _all_reduce(accs: Iterable[Accumulator], n: int, device: torch.device) -> int:
+    """Sum statistics (and the sample count) over processes when a torch.distributed group is
+    initialised: each rank feeds its own shard, and every rank ends with the sums of all shards."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return n
     for acc in accs:
         for t in acc.tensors():
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return int(count.item())
 
 
 @torch.no_grad()
@@ -283,5 +287,14 @@ def run_calibration(
     finally:
         for h in handles:
             h.remove()
-    _all_reduce(a for accs in accumulators.values() for a in accs)
+    n = _all_reduce((a for accs in accumulators.values() for a in accs), n, device)
+    for name, accs in accumulators.items():  # model order: the first layer named is where it starts
+        # A sum is non-finite iff some entry is (short of 1e308 overflow), without a mask the size
+        # of the statistics.
+        if any(not bool(torch.isfinite(t.sum())) for acc in accs for t in acc.tensors()):
+            raise CalibrationError(
+                f"Layer {name!r} saw NaN or Inf activations during calibration (its input or output "
+                "overflowed, or the model computes NaN); check the calibration data's scale and the "
+                "model's weights and buffers"
+            )
     return n

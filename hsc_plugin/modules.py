@@ -83,7 +83,7 @@ class LowRankConv2d(_Factorised):
             "type": "LowRankConv2d",
             "in_channels": r.in_channels,
             "out_channels": self.expand.out_channels,
-            "rank": self.rank,
+            "rank": r.out_channels // r.groups,  # from the weights: a structured pruner may shrink it
             "geometry": conv_geometry(r),
             "groups": r.groups,
             "bias": self.expand.bias is not None,
@@ -126,8 +126,8 @@ class Tucker2Conv2d(_Factorised):
             "type": "Tucker2Conv2d",
             "in_channels": self.first.in_channels,
             "out_channels": self.last.out_channels,
-            "rank_in": self.rank_in,
-            "rank_out": self.rank_out,
+            "rank_in": self.first.out_channels // self.first.groups,  # from the weights (see above)
+            "rank_out": self.core.out_channels // self.core.groups,
             "geometry": conv_geometry(self.core),
             "groups": self.core.groups,
             "bias": self.last.bias is not None,
@@ -161,7 +161,7 @@ class LowRankLinear(_Factorised):
             "type": "LowRankLinear",
             "in_features": self.reduce.in_features,
             "out_features": self.expand.out_features,
-            "rank": self.rank,
+            "rank": self.reduce.out_features,  # from the weights (see above)
             "bias": self.expand.bias is not None,
         }
 

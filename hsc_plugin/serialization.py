@@ -58,10 +58,34 @@ def save(result_or_model: CompressionResult | nn.Module, path: str | Path) -> Pa
     return out
 
 
+def _check_base_layer(name: str, old: nn.Module, spec: dict[str, Any]) -> None:
+    """The base model's layer at ``name`` must be the layer that was factorised (type and shape)."""
+    from hsc_plugin.modules import conv_geometry
+
+    is_linear = "in_features" in spec
+    want_type = nn.Linear if is_linear else nn.Conv2d
+    keys = ("in_features", "out_features") if is_linear else ("in_channels", "out_channels")
+    want = {k: spec[k] for k in keys}
+    have = {k: getattr(old, k, None) for k in keys}
+    if not is_linear and isinstance(old, nn.Conv2d):
+        geometry = json.loads(json.dumps(conv_geometry(old)))  # tuples → lists, as stored
+        want.update(spec.get("geometry", {}))
+        have.update(geometry)
+        if "groups" in spec:
+            want["groups"], have["groups"] = spec["groups"], old.groups
+    if not isinstance(old, want_type) or have != want:
+        raise ValueError(
+            f"Layer {name!r} of the base model is {type(old).__name__} {have}, but the saved model "
+            f"factorised a {want_type.__name__} {want}; is base_model the architecture the compressed "
+            "model was made from?"
+        )
+
+
 def load(path: str | Path, base_model: nn.Module) -> nn.Module:
     """Rebuild a compressed model saved by :func:`save` on ``base_model`` (modified in place).
 
-    ``base_model`` must be the uncompressed architecture the model was made from.
+    ``base_model`` must be the uncompressed architecture the model was made from. A mismatch is a
+    ``ValueError`` that names the layer, and leaves ``base_model`` as it was.
     """
     src = Path(path)
     structure = json.loads((src / "structure.json").read_text())
@@ -74,13 +98,29 @@ def load(path: str | Path, base_model: nn.Module) -> nn.Module:
         if name not in modules:
             raise ValueError(f"The base model has no layer {name!r}; is it the architecture the "
                              "compressed model was made from?")
-        cls = types.get(spec["type"])
-        if cls is None:
+        if spec["type"] not in types:
             raise ValueError(f"Unknown factorised module type {spec['type']!r} for layer {name!r}")
-        set_submodule(base_model, name, cls.from_spec(spec, device=param.device, dtype=param.dtype))
+        _check_base_layer(name, modules[name], spec)
     state = torch.load(src / "weights.pt", weights_only=True, map_location=param.device)
+    originals: dict[str, nn.Module] = {}
     try:
+        for name, spec in structure["replacements"].items():
+            new = types[spec["type"]].from_spec(spec, device=param.device, dtype=param.dtype)
+            originals[name] = modules[name]
+            set_submodule(base_model, name, new)
+        # Check keys and shapes first: a failing strict load_state_dict has already copied the
+        # tensors that fit, which would leave base_model half-loaded.
+        expected = base_model.state_dict()
+        problems = [f"missing {k}" for k in expected.keys() - state.keys()]
+        problems += [f"unexpected {k}" for k in state.keys() - expected.keys()]
+        problems += [f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+                     for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        if problems:
+            raise ValueError(f"Weights in {src} do not fit the base model: " + "; ".join(sorted(problems)[:8])
+                             + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
         base_model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"Weights in {src} do not fit the base model: {exc}") from exc
+    except Exception:
+        for name, old in originals.items():
+            set_submodule(base_model, name, old)
+        raise
     return base_model

@@ -318,5 +318,92 @@ class SpatioChannelConv2d(nn.Module):
         args["tiling"] = Tiling.from_dict(args["tiling"])
         return cls(**args, **kw)
 
+    def prune_channels(self, in_keep: list[int] | None = None, out_keep: list[int] | None = None) -> None:
+        """Keep only input channels ``in_keep`` and output channels ``out_keep``, in place.
+
+        For structured pruners (torch-pruning), which change the module they were given. Every
+        region's clusters are re-indexed; a cluster left empty is removed with its rank; the other
+        ranks are unchanged. The new blocks are built before any is swapped in, so an error leaves
+        the module as it was.
+        """
+        ins = list(range(self.in_channels)) if in_keep is None else sorted({int(i) for i in in_keep})
+        outs = list(range(self.out_channels)) if out_keep is None else sorted({int(i) for i in out_keep})
+        for keep, n, what in ((ins, self.in_channels, "input"), (outs, self.out_channels, "output")):
+            if not keep or keep[0] < 0 or keep[-1] >= n:
+                raise ValueError(f"{what} channels to keep must be a non-empty subset of range({n})")
+        blocks = nn.ModuleList(_pruned_block(b, ins, outs) for b in self.blocks)
+        self.blocks = blocks
+        self.in_channels, self.out_channels = len(ins), len(outs)
+
+
+
+@torch.no_grad()
+def _pruned_block(b: RegionBlock, ins: list[int], outs: list[int]) -> RegionBlock:
+    """A copy of ``b`` restricted to input channels ``ins`` and output channels ``outs``."""
+    ref = b.const_bias
+    kept = [i for i, r in enumerate(b.ranks) if r > 0]
+    offs = [sum(b.ranks[j] for j in kept[:n]) for n in range(len(kept) + 1)]
+    bias = torch.zeros(b.out_channels, dtype=ref.dtype, device=ref.device)  # the block's bias per channel
+    if b.total_rank == 0:
+        bias.copy_(b.const_bias)
+    elif b.side == "input":
+        if b.expands[0].bias is not None:
+            bias.copy_(b.expands[0].bias)
+    else:
+        for j, i in enumerate(kept):
+            if b.expands[j].bias is not None:
+                bias[b.clusters[i]] = b.expands[j].bias
+        if b.n_dropped:
+            bias[b.dropped] = b.dropped_bias
+    # Per kept cluster: its k×k filters (rank × in × k × k) and its 1×1 columns (out × rank).
+    if b.side == "input":
+        grouped = len(b.reduces) == 1 and len(kept) > 1
+        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] if grouped else b.reduces[n].weight for n in range(len(kept))]
+        exp = [b.expands[0].weight[:, offs[n]:offs[n + 1]] for n in range(len(kept))]
+    else:
+        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] for n in range(len(kept))]
+        exp = [b.expands[n].weight for n in range(len(kept))]
+    side_keep = ins if b.side == "input" else outs
+    pos = {ch: p for p, ch in enumerate(side_keep)}
+    clusters, ranks, members = [], [], {}
+    for i, cl in enumerate(b.clusters):
+        at = [k for k, ch in enumerate(cl) if ch in pos]
+        if at:
+            members[i] = at
+            clusters.append([pos[cl[k]] for k in at])
+            ranks.append(b.ranks[i])
+    geometry = {"kernel_size": b.kernel_size, "stride": b.stride, "padding": b.padding,
+                "dilation": b.dilation, "padding_mode": b.padding_mode}
+    new = RegionBlock(len(ins), len(outs), geometry, b.side, clusters, ranks, b.has_bias,
+                      device=ref.device, dtype=ref.dtype)
+    live = [n for n, i in enumerate(kept) if i in members]
+    o = torch.tensor(outs, device=ref.device)
+    if b.side == "input":
+        filters = [red[n][:, members[kept[n]]] for n in live]
+        if len(new.reduces) == 1 and len(filters) > 1:
+            new.reduces[0].weight.copy_(torch.cat(filters, 0))
+        else:
+            for conv, f in zip(new.reduces, filters):
+                conv.weight.copy_(f)
+        if new.expands:
+            new.expands[0].weight.copy_(torch.cat([exp[n] for n in live], 1).index_select(0, o))
+            if new.expands[0].bias is not None:
+                new.expands[0].bias.copy_(bias.index_select(0, o))
+    else:
+        if new.reduces:
+            new.reduces[0].weight.copy_(torch.cat([red[n] for n in live], 0)[:, ins])
+        for conv, n in zip(new.expands, live):
+            at = members[kept[n]]
+            conv.weight.copy_(exp[n][at])
+            if conv.bias is not None:
+                conv.bias.copy_(bias[[b.clusters[kept[n]][k] for k in at]])
+        if new.n_dropped:
+            new.dropped_bias.copy_(bias[[outs[ch] for ch in new.dropped]])
+    if new.total_rank == 0:
+        new.const_bias.copy_(bias.index_select(0, o))
+    trainable = any(p.requires_grad for p in b.parameters())
+    for p in new.parameters():
+        p.requires_grad_(trainable)
+    return new.train(b.training)
 
 SPATIAL_TYPES: dict[str, type[nn.Module]] = {"SpatioChannelConv2d": SpatioChannelConv2d}

@@ -46,6 +46,12 @@ class SpatialPartitioner(Strategy):
     @abstractmethod
     def partition(self, cell_stats: Any) -> Any: ...
 
+    def statistics_grid(self, fine: tuple[int, int]) -> tuple[int, int]:
+        """The cell grid this partitioner needs statistics on. Adaptive partitioners need the
+        compressor's ``fine`` grid; a fixed tiling needs only its own cells, which keeps the
+        calibration statistics (cells × C² per layer) small on large models."""
+        return fine
+
 
 class ChannelClusterer(Strategy):
     """Groups channels from a co-activation (|correlation|) matrix; returns a label per channel."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterable
 from typing import Any, Union
@@ -47,6 +48,12 @@ def resolve_targets(
         items = list(targets)
     if not items:
         raise ValueError("targets is empty: nothing to compress")
+    for item in items:  # a type no supported layer can be (e.g. nn.BatchNorm2d, nn.Conv1d)
+        if isinstance(item, type) and not (issubclass(item, supported) or any(issubclass(s, item) for s in supported)):
+            raise ValueError(
+                f"targets names the layer type {item.__name__}, which cannot be factorised "
+                f"(supported: {', '.join(t.__name__ for t in supported)})"
+            )
     ex_items: list[Any] = [] if exclude is None else (
         [exclude] if isinstance(exclude, (str, type)) or callable(exclude) else list(exclude))
 
@@ -70,13 +77,15 @@ def resolve_targets(
                     )
                 if isinstance(module, supported):
                     skipped[name] = (
-                        f"{type(module).__name__} is a subclass of {type(module).__mro__[1].__name__} "
-                        "with its own forward; not factorised"
+                        # Qualified: timm's Linear would otherwise read "Linear is a subclass of Linear".
+                        f"{type(module).__module__}.{type(module).__qualname__} is a subclass of "
+                        f"{type(module).__mro__[1].__name__} with its own forward; not factorised"
                     )
                 continue
             chosen.append(name)
         if explicit and not hit and isinstance(item, str):
-            close = [n for n, _ in named if item.split(".")[-1] in n][:3]
+            close = difflib.get_close_matches(item, [n for n, _ in named], n=3, cutoff=0.6) or [
+                n for n, _ in named if item.split(".")[-1] in n][:3]
             hint = f" Similar names: {close}" if close else ""
             raise ValueError(f"Target {item!r} matches no layer of the model.{hint}")
     order = {n: i for i, (n, _) in enumerate(named)}

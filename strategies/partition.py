@@ -29,6 +29,9 @@ class NoPartition(SpatialPartitioner):
     def partition(self, cell_stats: Any) -> Tiling:
         return Tiling.full(cell_stats.grid)
 
+    def statistics_grid(self, fine: tuple[int, int]) -> tuple[int, int]:
+        return (1, 1)
+
 
 class GridPartitioner(SpatialPartitioner):
     """A fixed ``g_h × g_w`` grid, reduced where the map is too small for regions of at least
@@ -42,6 +45,9 @@ class GridPartitioner(SpatialPartitioner):
             raise ValueError(f"grid must be (rows, cols) with positive entries, got {grid!r}")
         self.grid = (int(g[0]), int(g[1]))
         self.min_region = int(min_region)
+
+    def statistics_grid(self, fine: tuple[int, int]) -> tuple[int, int]:
+        return self.grid
 
     def partition(self, cell_stats: Any) -> Tiling:
         gh, gw = cell_stats.grid

@@ -13,7 +13,7 @@ from hsc_plugin.registry import create
 from hsc_plugin.spatial import SpatioChannelConv2d, Tiling
 from hsc_plugin.strategy import ChannelClusterer, SpatialPartitioner
 
-from conftest import mri_root
+from conftest import SmallCNN, mri_root
 
 
 def _cnn(in_chans: int = 3) -> nn.Module:
@@ -208,3 +208,25 @@ def test_save_load_round_trip(tmp_path, side: str) -> None:
         assert torch.equal(loaded(x), res.model(x))
     with pytest.raises(ValueError, match="no layer"):
         load(tmp_path / "m", nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_fixed_grid_needs_only_its_own_cells(side: str) -> None:
+    """A 2×2 grid gathers statistics on 2×2 cells (16× less memory than the 8×8 fine grid the
+    quadtree needs) and gives the same compressed layers as the fine grid."""
+    from hsc_plugin.compressors.hsc import HSC
+    from hsc_plugin.calibration import trace_layers
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(16, 3, 32, 32)
+    info = trace_layers(model, ["body.8"], x[:1])["body.8"]
+    assert HSC(grid=(2, 2))._grid(info) == (2, 2)
+    assert HSC(partition="none")._grid(info) == (1, 1)
+    assert HSC(partition="quadtree")._grid(info) == (8, 8)
+    coarse = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side, progress=False)
+    fine = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side, cells=8,
+                    progress=False)
+    assert [L.ranks for L in coarse.report.layers] == [L.ranks for L in fine.report.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(coarse.model(x), fine.model(x), rtol=1e-4, atol=1e-5)

@@ -62,6 +62,10 @@ def _edges(n: int, g: int) -> list[int]:
     return [i * n // g for i in range(g + 1)]
 
 
+
+# The statistics grid adaptive partitioners (quadtree) choose regions from.
+FINE_CELLS: tuple[int, int] = (8, 8)
+
 class CellStats(Accumulator):
     """Per-cell uncentred second moments of a map (g_h × g_w cells of C × C, float64).
 
@@ -269,7 +273,9 @@ class HSC(Compressor):
     Options (besides the shared ones of :class:`Compressor`): ``partition`` (name or
     :class:`SpatialPartitioner`; ``grid`` sets the grid partitioner's ``(rows, cols)``),
     ``clusterer`` (name or :class:`ChannelClusterer`) with ``n_clusters`` (``None`` = automatic),
-    ``channel_side`` (``"input"`` or ``"output"``), ``cells`` (the finest statistics grid) and
+    ``channel_side`` (``"input"`` or ``"output"``), ``cells`` (the statistics grid; default: what
+    the partitioner needs — its own cells for ``grid``/``none``, 8×8 for adaptive ones such as
+    ``quadtree``; statistics memory is cells × C² float64 per layer, all layers at once) and
     ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions).
     Grouped convs and Linear layers are compressed as one region, one cluster (data-aware SVD).
     """
@@ -285,7 +291,7 @@ class HSC(Compressor):
         n_clusters: int | None = 4,
         channel_side: str = "input",
         balanced: bool = False,
-        cells: tuple[int, int] | int = (8, 8),
+        cells: tuple[int, int] | int | None = None,
         min_region: int = 4,
         **options: Any,
     ) -> None:
@@ -300,7 +306,7 @@ class HSC(Compressor):
         self.clusterer = clusterer
         self.n_clusters = n_clusters
         self.channel_side = channel_side
-        self.cells = (cells, cells) if isinstance(cells, int) else tuple(cells)
+        self.cells = None if cells is None else (cells, cells) if isinstance(cells, int) else tuple(cells)
         self.min_region = int(min_region)
         self.data_aware = True
         part_opts: dict[str, Any] = {}
@@ -329,7 +335,8 @@ class HSC(Compressor):
 
     def _grid(self, info: LayerInfo) -> tuple[int, int]:
         h, w = info.out_hw
-        return (max(1, min(self.cells[0], h)), max(1, min(self.cells[1], w)))
+        cells = self.cells if self.cells is not None else self._partitioner.statistics_grid(FINE_CELLS)
+        return (max(1, min(cells[0], h)), max(1, min(cells[1], w)))
 
     def statistics(self, info: LayerInfo) -> list[Accumulator]:
         m = info.module

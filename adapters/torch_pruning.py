@@ -1,0 +1,374 @@
+"""torch-pruning glue (extra ``[tp]``): low-rank compression as a tp pruner, and tp on our models.
+
+* :class:`LowRankPruner` — ``LowRankPruner(model, example_inputs, method=..., macs_ratio=3.0,
+  iterative_steps=n)`` then ``pruner.step()``, the way a tp script drives ``tp.pruner.MetaPruner``.
+  Like tp's pruners (and unlike :func:`hsc_plugin.compress`) it **modifies the model it was
+  given**; a step that fails leaves the model as it was.
+* :func:`tp_kwargs` — the keyword arguments that make tp prune a compressed model correctly:
+  the rank layers in ``ignored_layers`` (tp would shrink ranks like any channel), a pruning
+  function for the HSC module (:class:`SpatioChannelPruner`) and a ``forward_fn`` that lets tp
+  trace it as one layer.
+* :func:`compare_macs` — our MAC count next to ``tp.utils.count_ops_and_params`` (units differ).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import torch_pruning as tp
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("hsc_plugin.adapters.torch_pruning needs torch-pruning: pip install 'hsc-plugin[tp]'") from exc
+
+from hsc_plugin.api import compress
+from hsc_plugin.budget import Budget
+from hsc_plugin.compressors.base import set_submodule
+from hsc_plugin.costs import measure_costs
+from hsc_plugin.modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
+from hsc_plugin.report import Report
+from hsc_plugin.spatial import SpatioChannelConv2d
+
+__all__ = ["LowRankPruner", "SpatioChannelPruner", "tp_kwargs", "rank_layers", "hsc_forward_fn",
+           "compare_macs", "MacCount"]
+
+
+# -- making a compressed model prunable by tp --------------------------------------------------------
+
+class SpatioChannelPruner(tp.pruner.function.BasePruningFunc):
+    """tp pruning function for :class:`~hsc_plugin.spatial.SpatioChannelConv2d`.
+
+    Removes input or output channels consistently in every region block (clusters are index
+    lists, so they are re-indexed); ranks are not touched. Input and output pruning are separate
+    functions, so tp sees no dependency between the module's inputs and outputs (like a conv).
+    """
+
+    TARGET_MODULES = (SpatioChannelConv2d,)
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        drop = set(int(i) for i in idxs)
+        layer.prune_channels(out_keep=[i for i in range(layer.out_channels) if i not in drop])
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        drop = set(int(i) for i in idxs)
+        layer.prune_channels(in_keep=[i for i in range(layer.in_channels) if i not in drop])
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels
+
+
+class _OneOp(torch.autograd.Function):
+    """Identity on ``y`` whose autograd node links straight to ``x``: tp's tracer (which walks
+    ``grad_fn``) then sees the HSC module as one layer instead of its internal slices and concats,
+    which it would otherwise read as channel index maps between the module's input and output."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
+
+
+def hsc_forward_fn(forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> Callable[[nn.Module, Any], Any]:
+    """A tp ``forward_fn`` under which every HSC module traces as a single layer.
+
+    Wraps ``forward_fn`` (default: ``model(example_inputs)``, tp's own default). Only tp's graph
+    tracing calls it; the model's real forward is unchanged.
+    """
+
+    def run(model: nn.Module, example_inputs: Any) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            return _OneOp.apply(args[0], out.detach())
+
+        # prepend: tp's own recording hook, registered before this runs, must see our output
+        handles = [m.register_forward_hook(hook, prepend=True) for m in model.modules()
+                   if isinstance(m, SpatioChannelConv2d)]
+        try:
+            if forward_fn is not None:
+                return forward_fn(model, example_inputs)
+            if isinstance(example_inputs, dict):
+                return model(**example_inputs)
+            if isinstance(example_inputs, (tuple, list)):
+                return model(*example_inputs)
+            return model(example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    return run
+
+
+def rank_layers(model: nn.Module) -> list[nn.Module]:
+    """The convs/linears whose output channels are ranks of a factorised layer.
+
+    The first factor of ``LowRankConv2d``/``LowRankLinear`` and the first two of ``Tucker2Conv2d``
+    (both of its ranks). HSC ranks need nothing: the HSC module is pruned as one layer.
+    """
+    out: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, (LowRankConv2d, LowRankLinear)):
+            out.append(m.reduce)
+        elif isinstance(m, Tucker2Conv2d):
+            out += [m.first, m.core]
+    return out
+
+
+def tp_kwargs(model: nn.Module, *, prune_ranks: bool = False,
+              forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments for any tp pruner (``tp.pruner.MetaPruner(model, x, **tp_kwargs(model))``).
+
+    ``ignored_layers``: the rank layers (:func:`rank_layers`), unless ``prune_ranks=True``; add
+    your own (e.g. the classifier) to the list. ``customized_pruners`` and ``root_module_types``
+    make the HSC module a prunable layer; ``forward_fn`` (wrapping yours, if any) makes tp trace it
+    as one layer. Without these tp shrinks ranks as channels and mis-groups HSC modules.
+    """
+    return {
+        "ignored_layers": [] if prune_ranks else rank_layers(model),
+        "customized_pruners": {SpatioChannelConv2d: SpatioChannelPruner()},
+        "root_module_types": [nn.Conv2d, nn.Linear, nn.LSTM, SpatioChannelConv2d],
+        "forward_fn": hsc_forward_fn(forward_fn),
+    }
+
+
+# -- MAC counts ---------------------------------------------------------------------------------------
+
+@dataclass
+class MacCount:
+    """One model counted both ways, all per sample.
+
+    ``ours``: :func:`hsc_plugin.measure_costs` — conv/linear multiply-accumulates only
+    (``FlopCounterMode`` reports 2 × MACs for the whole batch; we halve and divide by the batch).
+    ``tp_total``: ``tp.utils.count_ops_and_params`` — MACs plus bias adds, BN, activations and
+    pooling. ``tp_conv_linear``: tp's per-layer counts of ``nn.Conv2d``/``nn.Linear`` minus their
+    bias adds (tp adds one per conv output element, but only ``out_features`` per *batch* for a
+    Linear), which is what ``ours`` counts: the two agree exactly when every matrix product runs
+    in an ``nn.Conv2d``/``nn.Linear`` (functional convs/matmuls are counted by ours only).
+    """
+
+    ours: int
+    tp_total: int
+    tp_conv_linear: int
+    params: int
+    tp_params: int
+
+    @property
+    def agree(self) -> bool:
+        return self.ours == self.tp_conv_linear
+
+
+def compare_macs(model: nn.Module, example_input: torch.Tensor) -> MacCount:
+    """Count ``model`` on ``example_input`` with our counter and with tp's (see :class:`MacCount`)."""
+    batch = int(example_input.shape[0])
+    ours = measure_costs(model, example_input)
+    bias_adds: dict[nn.Module, int] = {}
+
+    def hook(m: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if m.bias is not None:  # tp adds bias adds (FlopCounterMode does not): per output element
+            n = out.numel() if isinstance(m, nn.Conv2d) else out.shape[-1]  # for Linear, once per batch
+            bias_adds[m] = bias_adds.get(m, 0) + n
+
+    layers = [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]  # tp's exact-type rule
+    handles = [m.register_forward_hook(hook) for m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    total, params, layer_macs, _ = tp.utils.count_ops_and_params(model, example_input, layer_wise=True)
+    conv_linear = sum(int(layer_macs.get(m) or 0) - bias_adds.get(m, 0) for m in layers)
+    return MacCount(ours=int(ours.macs), tp_total=int(round(total)), tp_conv_linear=conv_linear // batch,
+                    params=int(ours.params), tp_params=int(params))
+
+
+# -- the low-rank pruner ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _densify(m: nn.Module) -> nn.Module | None:
+    """The dense layer a factorised module computes (exact product of its factors), or None."""
+    if isinstance(m, LowRankLinear):
+        d = nn.Linear(m.reduce.in_features, m.expand.out_features, bias=m.expand.bias is not None,
+                      device=m.expand.weight.device, dtype=m.expand.weight.dtype)
+        d.weight.copy_(m.expand.weight @ m.reduce.weight)
+    elif isinstance(m, (LowRankConv2d, Tucker2Conv2d)):
+        convs = [m.reduce, m.expand] if isinstance(m, LowRankConv2d) else [m.first, m.core, m.last]
+        spatial = convs[0] if isinstance(m, LowRankConv2d) else convs[1]
+        g = spatial.groups
+        d = nn.Conv2d(convs[0].in_channels, convs[-1].out_channels, spatial.kernel_size, spatial.stride,
+                      spatial.padding, spatial.dilation, g, bias=convs[-1].bias is not None,
+                      padding_mode=spatial.padding_mode, device=spatial.weight.device, dtype=spatial.weight.dtype)
+        for j in range(g):
+            ws = [c.weight.chunk(g, 0)[j] for c in convs]  # per group: (out_g, in_g, kh, kw)
+            if isinstance(m, LowRankConv2d):
+                w = torch.einsum("or,rikl->oikl", ws[1][:, :, 0, 0], ws[0])
+            else:
+                w = torch.einsum("ob,bakl,ai->oikl", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
+            d.weight[j * d.out_channels // g:(j + 1) * d.out_channels // g] = w
+    else:
+        return None
+    if d.bias is not None:
+        d.bias.copy_(convs[-1].bias if not isinstance(m, LowRankLinear) else m.expand.bias)
+    return d.train(m.training)
+
+
+def _ratio_schedule(ratio: float, steps: int) -> list[float]:
+    """tp's linear scheduler on the fraction of cost removed, as cost ratios (last = ``ratio``)."""
+    removed = 1.0 - 1.0 / ratio
+    return [1.0 / (1.0 - removed * i / steps) for i in range(steps + 1)]
+
+
+class LowRankPruner:
+    """Low-rank compression with torch-pruning's pruner interface.
+
+    ``LowRankPruner(model, example_inputs, method="global_svd", macs_ratio=3.0, iterative_steps=3)``
+    then ``pruner.step()`` (fine-tune between steps, as with tp). Step ``i`` of ``n`` brings the
+    model to the ``i``-th cost of tp's linear schedule (the fraction of MACs removed grows
+    linearly), so the last step meets the budget; ratios are relative to the model as given.
+
+    Unlike :func:`hsc_plugin.compress`, **the pruner modifies ``model``** (``pruner.model``),
+    replacing layers in place, as tp users expect; a step that fails (e.g. an unreachable budget)
+    raises and leaves the model as it was. Each step re-factorises from dense weights: a
+    Global-SVD/Tucker-2 layer is first multiplied back out (keeping what fine-tuning taught it);
+    an HSC layer, which has no dense equivalent, restarts from the layer it replaced.
+
+    ``budget`` (a :class:`~hsc_plugin.Budget`, ``"3x"``, or ``"params=4x"``) is the general form
+    of ``macs_ratio``. ``calib``: calibration data (required by ``hsc`` and ``data_aware=True``);
+    ``ignored_layers``: modules not to compress (with everything below them); ``targets``,
+    other ``**options``: as in :func:`hsc_plugin.compress`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        method: str = "global_svd",
+        macs_ratio: float | None = None,
+        budget: Budget | str | float | None = None,
+        calib: Any = None,
+        iterative_steps: int = 1,
+        ignored_layers: Iterable[nn.Module] | None = None,
+        targets: Any = None,
+        **options: Any,
+    ) -> None:
+        if (macs_ratio is None) == (budget is None):
+            raise ValueError("Give exactly one of macs_ratio=... (e.g. 3.0) or budget=... (e.g. Budget(3.0))")
+        if isinstance(budget, str):
+            budget = Budget.parse(budget)
+        elif budget is None or isinstance(budget, (int, float)):
+            budget = Budget(float(macs_ratio if budget is None else budget))
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a Budget, a string such as '3x' or a number, got {budget!r}")
+        if budget.scope != "model":
+            raise ValueError("LowRankPruner budgets are on the whole model (scope='model')")
+        if int(iterative_steps) < 1:
+            raise ValueError(f"iterative_steps must be >= 1, got {iterative_steps}")
+        if isinstance(example_inputs, (tuple, list)):
+            if len(example_inputs) != 1:
+                raise ValueError("LowRankPruner takes models with one input tensor")
+            example_inputs = example_inputs[0]
+        if not isinstance(example_inputs, torch.Tensor):
+            raise TypeError(f"example_inputs must be a tensor, got {type(example_inputs).__name__}")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.method = method
+        self.budget = budget
+        self.calib = calib
+        self.iterative_steps = int(iterative_steps)
+        self.targets = targets
+        self.options = options
+        self.current_step = 0
+        self.per_step_ratio = _ratio_schedule(budget.ratio, self.iterative_steps)
+        self.report: Report | None = None
+        ignored = list(ignored_layers or [])
+        self.ignored_layers = ignored
+        self._ignored_names = [n for n, m in model.named_modules() if any(m is i for i in ignored)]
+        self._base_cost = float(self._cost(model))
+        self._originals: dict[str, nn.Module] = {}  # dense layers that HSC modules replaced
+
+    def _cost(self, model: nn.Module) -> float:
+        return float(measure_costs(model, self.example_inputs[:1]).of(self.budget.metric))
+
+    def step(self, interactive: bool = False) -> Report | None:
+        """Compress ``self.model`` to the next budget of the schedule, in place; returns the report.
+
+        After the last step it warns and does nothing (as tp's pruners do).
+        """
+        if interactive:
+            raise NotImplementedError("LowRankPruner has no interactive mode")
+        if self.current_step >= self.iterative_steps:
+            warnings.warn("Pruning exceeds the maximum iterative steps; no compression performed.")
+            return None
+        step = self.current_step + 1
+        target = self._base_cost / self.per_step_ratio[step]
+        work = copy.deepcopy(self.model)
+        dense_now: dict[str, nn.Module] = {}  # layers multiplied back out (or restored) for this step
+        keep_out = list(self._ignored_names)
+        for name, m in dict(work.named_modules()).items():
+            if not name or self._under(name, keep_out) or self._under(name, list(dense_now)):
+                continue
+            dense = _densify(m)
+            if dense is None and isinstance(m, SpatioChannelConv2d):
+                orig = self._originals.get(name)
+                if orig is None:  # not ours: leave it, and keep its inner convs out of the targets
+                    keep_out.append(name)
+                    continue
+                if (orig.in_channels, orig.out_channels) != (m.in_channels, m.out_channels):
+                    raise ValueError(f"HSC layer {name!r} was channel-pruned since the last step, so it cannot "
+                                     "be re-factorised from its dense weights; run every LowRankPruner step "
+                                     "before pruning channels")
+                dense = copy.deepcopy(orig)
+            if dense is not None:
+                set_submodule(work, name, dense)
+                dense_now[name] = dense
+        now = self._cost(work)
+        ratio = now / target
+        if not ratio > 1.0:
+            raise ValueError(f"The model already costs {now:,.0f} {self.budget.metric} <= this step's target "
+                             f"{target:,.0f}; nothing to compress")
+        step_budget = Budget(ratio, metric=self.budget.metric, tolerance=self.budget.tolerance)
+        before = dict(work.named_modules())
+        result = compress(work, self.method, calib=self.calib, budget=step_budget, targets=self.targets,
+                          exclude=(lambda n, m: self._under(n, keep_out)) if keep_out else None,
+                          inplace=True, example_input=self.example_inputs[:1], **self.options)
+        # Success: move the changed layers into the user's model (nothing was written before).
+        out = result.model
+        changed = set(dense_now) | {L.name for L in result.report.layers if L.status == "factorised"}
+        originals = dict(self._originals)
+        for name in changed:
+            new = out.get_submodule(name)
+            if isinstance(new, SpatioChannelConv2d):
+                originals.setdefault(name, before[name])
+            else:
+                originals.pop(name, None)
+        for name in changed:
+            set_submodule(self.model, name, out.get_submodule(name))
+        self._originals = originals
+        self.current_step = step
+        self.report = result.report
+        return result.report
+
+    @staticmethod
+    def _under(name: str, prefixes: list[str]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+    def achieved_ratio(self) -> float:
+        """Cost of the model as given ÷ cost now (in the budget's metric)."""
+        return self._base_cost / self._cost(self.model)

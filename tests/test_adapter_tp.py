@@ -1,0 +1,249 @@
+"""torch-pruning adapter: tp prunes our compressed models, LowRankPruner, MAC agreement, the example."""
+
+from __future__ import annotations
+
+import copy
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+tp = pytest.importorskip("torch_pruning", reason="torch-pruning not installed (extra [tp])")
+timm = pytest.importorskip("timm", reason="timm not installed (extra [timm])")
+
+from conftest import REPO, SmallCNN, assert_unchanged, snapshot  # noqa: E402
+from hsc_plugin import BudgetError, compress, measure_costs  # noqa: E402
+from hsc_plugin.adapters.torch_pruning import (  # noqa: E402
+    LowRankPruner,
+    SpatioChannelPruner,
+    compare_macs,
+    rank_layers,
+    tp_kwargs,
+)
+from hsc_plugin.modules import FACTORISED_TYPES  # noqa: E402
+from hsc_plugin.spatial import SpatioChannelConv2d, Tiling  # noqa: E402
+
+METHODS = {"global_svd": {}, "tucker2": {}, "hsc": {"grid": 2}}
+X = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def compressed() -> dict[str, nn.Module]:
+    """A timm resnet18 compressed 2x by each method (layer4 left dense to keep the test quick)."""
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    return {m: compress(base, m, calib=X, budget="2x", exclude="layer4.*", progress=False,
+                        measure_error=False, **opts).model for m, opts in METHODS.items()}
+
+
+def _ranks(model: nn.Module) -> dict[str, dict]:
+    types = tuple(FACTORISED_TYPES.values()) + (SpatioChannelConv2d,)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, types):
+            s = m.spec()
+            out[name] = {k: v for k, v in s.items() if k.startswith("rank") or k == "region_ranks"}
+    return out
+
+
+def _subsequence(short: list[int], long: list[int]) -> bool:
+    it = iter(long)
+    return all(any(v == w for w in it) for v in short)
+
+
+def _tp_prune(model: nn.Module, **kw_opts) -> None:
+    kw = tp_kwargs(model, **kw_opts)
+    kw["ignored_layers"].append(model.fc)
+    tp.pruner.MetaPruner(model, X[:1], importance=tp.importance.MagnitudeImportance(p=2),
+                         pruning_ratio=0.3, **kw).step()
+
+
+def _round_trip(module: nn.Module) -> nn.Module:
+    """What save/load does per replaced layer: rebuild from spec(), load the weights strictly."""
+    twin = type(module).from_spec(module.spec())
+    twin.load_state_dict(module.state_dict(), strict=True)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
+    model = copy.deepcopy(compressed[method])
+    ranks = _ranks(model)
+    assert ranks, "the compressed model has factorised layers"
+    bn_before = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    _tp_prune(model)
+    bn_after = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert 0.6 * bn_before < bn_after < 0.8 * bn_before  # ~30% of the channels are gone
+    after = _ranks(model)
+    for name, r in ranks.items():  # ignored rank layers: no rank shrank
+        if "region_ranks" in r:  # HSC: a cluster whose channels were all pruned goes, with its rank
+            assert all(_subsequence(a, b) for a, b in zip(after[name]["region_ranks"], r["region_ranks"]))
+        else:
+            assert after[name] == r
+    y = model(X)
+    assert y.shape == (4, 10) and torch.isfinite(y).all()
+    for m in model.modules():  # every replaced layer still rebuilds from its spec
+        if isinstance(m, tuple(FACTORISED_TYPES.values()) + (SpatioChannelConv2d,)):
+            x = torch.randn(1, m.spec().get("in_channels", 0) or m.spec()["in_features"], 8, 8)
+            if "in_features" in m.spec():
+                x = x[:, :, 0, 0]
+            torch.testing.assert_close(_round_trip(m)(x), m.eval()(x))
+    if method == "hsc":
+        hsc = [m for m in model.modules() if isinstance(m, SpatioChannelConv2d)]
+        assert hsc and any(len(m.blocks) > 1 for m in hsc)
+        assert any(m.out_channels < 64 for m in hsc)  # HSC layers' own channels were pruned too
+
+
+def test_prune_ranks_true_shrinks_ranks(compressed):
+    model = copy.deepcopy(compressed["global_svd"])
+    before = _ranks(model)
+    assert tp_kwargs(model, prune_ranks=True)["ignored_layers"] == []
+    assert len(tp_kwargs(model)["ignored_layers"]) == len(rank_layers(model)) == len(before)
+    _tp_prune(model, prune_ranks=True)
+    after = _ranks(model)
+    assert any(after[n]["rank"] < before[n]["rank"] for n in before)
+    m = next(m for n, m in model.named_modules() if n in before and after[n]["rank"] < before[n]["rank"])
+    x = torch.randn(1, m.reduce.in_channels, 8, 8)
+    torch.testing.assert_close(_round_trip(m)(x), m.eval()(x))  # spec() follows the pruned rank
+    assert torch.isfinite(model(X)).all()
+
+
+def _random_hsc(side: str, tiling: Tiling, balanced: bool, bias: bool, gen: random.Random) -> SpatioChannelConv2d:
+    cin, cout = 12, 10
+    clusters, ranks = [], []
+    for _ in range(tiling.n_regions):
+        n = cin if side == "input" else cout
+        perm = gen.sample(range(n), n)
+        if balanced:
+            clusters.append([sorted(perm[:n // 2]), sorted(perm[n // 2:])])
+            ranks.append([3, 3])
+        else:
+            clusters.append([sorted(perm[:3]), sorted(perm[3:7]), sorted(perm[7:])])
+            ranks.append([2, 0, 3])  # a zero-rank cluster: its outputs are the bias
+    geo = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "padding_mode": "zeros"}
+    m = SpatioChannelConv2d(cin, cout, geo, tiling, side, clusters, ranks, bias=bias)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+        for b in m.blocks:
+            b.dropped_bias.normal_()
+    return m.eval()
+
+
+CASES = [(side, regions, balanced) for side in ("input", "output") for regions in (1, 4)
+         for balanced in ((False, True) if side == "input" else (False,))]
+
+
+@pytest.mark.parametrize("side,regions,balanced", CASES)
+def test_hsc_pruning_equals_slicing_the_layer(side, regions, balanced):
+    """Pruned HSC module == the original with the pruned inputs zeroed, restricted to kept outputs."""
+    gen = random.Random(hash((side, regions, balanced)) % 1000)
+    tiling = Tiling.full() if regions == 1 else Tiling.uniform((2, 2), 2, 2)
+    fn = SpatioChannelPruner()
+    for trial in range(6):
+        m = _random_hsc(side, tiling, balanced, bias=trial % 3 != 0, gen=gen)
+        ranks = [b.ranks for b in m.blocks]
+        x = torch.randn(2, 12, 8, 8)
+        n_in, n_out = (gen.randint(1, 11), gen.randint(1, 9)) if trial else (11, 9)
+        drop_in = sorted(gen.sample(range(12), n_in))
+        drop_out = sorted(gen.sample(range(10), n_out))
+        keep_in = [i for i in range(12) if i not in drop_in]
+        keep_out = [i for i in range(10) if i not in drop_out]
+        xz = x.clone()
+        xz[:, drop_in] = 0
+        with torch.no_grad():
+            ref = m(xz)[:, keep_out]
+        fn(m, drop_in, to_output=False)
+        fn(m, drop_out, to_output=True)
+        assert (m.in_channels, m.out_channels) == (len(keep_in), len(keep_out))
+        with torch.no_grad():
+            y = m(x[:, keep_in])
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(_round_trip(m)(x[:, keep_in]), y)
+        for b, r in zip(m.blocks, ranks):
+            assert _subsequence(b.ranks, r)  # ranks are kept (only emptied clusters vanish)
+
+
+def test_hsc_pruning_keeps_ranks_when_clusters_survive():
+    m = _random_hsc("output", Tiling.uniform((2, 2), 2, 2), False, True, random.Random(1))
+    ranks = [b.ranks for b in m.blocks]
+    SpatioChannelPruner()(m, [0], to_output=False)
+    assert [b.ranks for b in m.blocks] == ranks
+    with pytest.raises(ValueError):
+        m.prune_channels(out_keep=[])
+
+
+def test_low_rank_pruner_iterative_meets_budget_and_edits_in_place():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(8, 3, 32, 32)
+    dense = measure_costs(model, x[:1]).macs
+    pruner = LowRankPruner(model, x[:1], method="global_svd", macs_ratio=2.0, iterative_steps=3,
+                           ignored_layers=[model.head], progress=False)
+    assert pruner.per_step_ratio[-1] == pytest.approx(2.0)
+    for i in (1, 2, 3):
+        report = pruner.step()
+        assert pruner.model is model and report is not None
+        assert pruner.achieved_ratio() == pytest.approx(pruner.per_step_ratio[i], rel=0.02)
+    assert dense / measure_costs(model, x[:1]).macs == pytest.approx(2.0, rel=0.02)
+    assert all(type(m) in (nn.Linear, nn.Flatten, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Sequential)
+               for m in model.head.modules())  # ignored layers stay dense
+    assert any(isinstance(m, tuple(FACTORISED_TYPES.values())) for m in model.modules())
+    with pytest.warns(UserWarning):
+        assert pruner.step() is None
+
+
+def test_low_rank_pruner_failing_step_leaves_model_as_it_was():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(8, 3, 32, 32)
+    snap = snapshot(model)
+    with pytest.raises(BudgetError):
+        LowRankPruner(model, x[:1], method="global_svd", macs_ratio=60.0, progress=False).step()
+    assert_unchanged(model, snap)
+    pruner = LowRankPruner(model, x[:1], method="global_svd", macs_ratio=60.0, iterative_steps=30,
+                           progress=False)
+    pruner.step()  # 1/30 of the way: reachable
+    snap = snapshot(model)
+    pruner.current_step = 29  # jump to the last, unreachable step
+    with pytest.raises(BudgetError):
+        pruner.step()
+    assert_unchanged(model, snap)
+    assert pruner.current_step == 29
+
+
+def test_low_rank_pruner_hsc_steps():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(16, 3, 32, 32)
+    pruner = LowRankPruner(model, x[:1], method="hsc", budget="2x", calib=x, iterative_steps=2,
+                           ignored_layers=[model.head], progress=False, measure_error=False)
+    pruner.step()
+    pruner.step()
+    assert pruner.achieved_ratio() == pytest.approx(2.0, rel=0.02)
+    assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_mac_counts_agree_with_tp(compressed, method, small_cnn):
+    x = torch.randn(2, 3, 32, 32)
+    small = compress(small_cnn, method, calib=torch.randn(16, 3, 32, 32), budget="2x", progress=False,
+                     measure_error=False, **METHODS[method]).model
+    pruned = copy.deepcopy(compressed[method])
+    _tp_prune(pruned)
+    for model, inp in ((small, x), (compressed[method], X[:2]), (pruned, X[:2])):
+        c = compare_macs(model, inp)
+        assert c.ours == measure_costs(model, inp[:1]).macs
+        assert c.agree, c
+        assert c.tp_total > c.ours  # tp also counts bias adds, BN, ReLU and pooling
+        assert c.params == c.tp_params
+
+
+def test_example_runs():
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "tp_prune.py"), "--size", "32", "--steps", "3"],
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "+ tp 30% channels" in proc.stdout
