@@ -1,0 +1,95 @@
+"""Budgets in measured time instead of MACs, on the brain-MRI AlexNet.
+
+For each method and each latency target (``Budget(r, metric="latency")``: r× faster, measured
+on this machine by the per-layer cost model at the given batch), compress the committed
+checkpoint without fine-tuning and report test accuracy, the MAC ratio that resulted, the
+latency the cost model predicted and the latency measured afterwards on the whole model
+(2 threads, median of 20 runs), and the share of the MAC ratio realised as speed.
+
+Run it on an idle machine:
+
+    python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.5 2] [--batches 1 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
+from hsc_plugin.latency import measure_latency
+from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
+from hsc_plugin.mri.experiment import calibration_subset, evaluate_model
+from hsc_plugin.mri.report import machine_description
+
+CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
+METHODS = {
+    "global_svd (data-aware)": ("global_svd", {"data_aware": True}),
+    "tucker2 (data-aware)": ("tucker2", {"data_aware": True}),
+    "hsc 1 region, 4 input clusters": ("hsc", {"partition": "none"}),
+    "hsc defaults (2x2 regions, 4 input clusters)": ("hsc", {}),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    recipe = paper_recipe()
+    train = load_split(args.data, "train", recipe.input_size)
+    test = load_split(args.data, "test", recipe.input_size)
+    model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
+    model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    model.eval()
+    calib = calibration_subset(train, 256, 0)
+    shape = tuple(test.tensors[0].shape[1:])
+    macs0 = measure_costs(model, torch.zeros(1, *shape)).macs
+    lines = [f"Command: `python benchmarks/latency_budget_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
+             f"Machine: {machine_description()}\n",
+             "No fine-tuning. `predicted` is the cost model's estimate used for the allocation; `measured` is the "
+             "whole compressed model timed afterwards (2 threads, median). Realised = measured speed-up / MAC ratio.\n",
+             "| method | batch | latency budget | accuracy % (± SE) | MAC ratio | ms before | ms predicted | ms measured | "
+             "speed-up measured | realised / MAC ratio | layers kept dense for time | compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for batch in args.batches:
+        base_ms = measure_latency(model, shape, batch=batch, runs=args.runs)["median_ms"]
+        for label, (method, opts) in METHODS.items():
+            for r in args.ratios:
+                t0 = time.perf_counter()
+                try:
+                    res = compress(model, method, calib=calib, budget=Budget(r, metric="latency"), progress=False,
+                                   cost_model=LatencyCostModel(batch, threads=2), **opts)
+                except BudgetError as exc:
+                    lines.append(f"| {label} | {batch} | {r:g}x | - | - | - | - | - | - | - | {str(exc)[:80]} | - |")
+                    print(lines[-1], flush=True)
+                    continue
+                secs = time.perf_counter() - t0
+                ev = evaluate_model(res.model, test, n_boot=1000)
+                macs = measure_costs(res.model, torch.zeros(1, *shape)).macs
+                ms = measure_latency(res.model, shape, batch=batch, runs=args.runs)["median_ms"]
+                lat = res.report.latency or {}
+                kept = sum(1 for L in res.report.layers if "measured time" in L.reason)
+                mac_ratio = macs0 / macs
+                lines.append(
+                    f"| {label} | {batch} | {r:g}x | {100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
+                    f"{mac_ratio:.2f}x | {base_ms:.3f} | {lat.get('predicted_after_ms', float('nan')):.3f} | {ms:.3f} | "
+                    f"{base_ms / ms:.2f}x | {base_ms / ms / mac_ratio:.0%} | {kept} | {secs:.1f} |")
+                print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
