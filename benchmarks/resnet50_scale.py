@@ -32,8 +32,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "tucker2": ("tucker2", {}),
     "hsc": ("hsc", {}),
     "hsc output-side": ("hsc", {"channel_side": "output"}),
-    # diagnostic, not a default: statistics on the default 2×2 grid's own cells instead of 8×8
-    "hsc cells=2": ("hsc", {"cells": 2}),
+    # the adaptive partitioner needs the 8×8 fine grid: ~20 GB of statistics on resnet50, gathered
+    # in groups of layers under max_stats_gb (default 4 GiB), one calibration pass per group
+    "hsc quadtree": ("hsc", {"partition": "quadtree"}),
 }
 
 
@@ -41,25 +42,18 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
-def hsc_statistics_gb(model: Any, example: Any, channel_side: str, cells: int = 8) -> float:
-    """Float64 bytes of HSC's first-pass statistics (per-cell C×C second moments), all layers."""
-    import torch
+def hsc_statistics_gb(model: Any, example: Any, options: dict[str, Any]) -> float:
+    """Bytes of HSC's first-pass statistics (per-cell C×C float64 second moments), all layers
+    together — what ``max_stats_gb`` splits into groups."""
     from torch import nn
 
+    from hsc_plugin import create_compressor
     from hsc_plugin.calibration import trace_layers
 
+    hsc = create_compressor("hsc", **options)
     names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    total = 0
-    for info in trace_layers(model, names, example).values():
-        m = info.module
-        if isinstance(m, nn.Conv2d) and m.groups == 1:
-            h, w = info.out_hw
-            n_cells = min(cells, h) * min(cells, w)
-            total += n_cells * m.out_channels**2 + (n_cells * m.in_channels**2 if channel_side == "input" else 0)
-        else:
-            total += m.weight.shape[0] ** 2
-    del torch
-    return total * 8 / 1024**3
+    total = sum(hsc.statistics_bytes(info) for info in trace_layers(model, names, example).values())
+    return total / 1024**3
 
 
 def child(label: str, images: int, threads: int, cap_gb: float) -> dict[str, Any]:
@@ -78,8 +72,7 @@ def child(label: str, images: int, threads: int, cap_gb: float) -> dict[str, Any
     method, opts = METHODS[label]
     row: dict[str, Any] = {"method": label, "rss_before_gb": _peak_rss_gb()}
     if method == "hsc":
-        row["stats_estimate_gb"] = hsc_statistics_gb(model, calib[:1], opts.get("channel_side", "input"),
-                                                     opts.get("cells", 8))
+        row["stats_estimate_gb"] = hsc_statistics_gb(model, calib[:1], opts)
     t0 = time.perf_counter()
     try:
         res = compress(model, method, calib=calib, budget=Budget(3.0), progress=False, **opts)

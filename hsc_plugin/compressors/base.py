@@ -88,6 +88,8 @@ class Compressor(ABC):
     * ``latency_guard``: time every factorised layer against its dense layer on this device (at
       ``latency_batch``) and keep dense the ones that are not faster, re-allocating the budget to
       the others — fewer MACs are worth nothing where the kernels do not realise them.
+    * ``max_stats_gb``: calibration statistics of layers are gathered in groups that fit in this
+      many GiB (one calibration pass per group, freed once planned); ``None``: all at once.
     * ``cost_model``: the :class:`~hsc_plugin.cost_model.LatencyCostModel` used by latency budgets
       (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
       ``latency_batch`` on the model's device.
@@ -113,6 +115,7 @@ class Compressor(ABC):
         latency_guard: bool = False,
         latency_batch: int = 1,
         cost_model: LatencyCostModel | None = None,
+        max_stats_gb: float | None = 4.0,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -131,6 +134,9 @@ class Compressor(ABC):
         if cost_model is not None and not isinstance(cost_model, LatencyCostModel):
             raise TypeError(f"cost_model must be a LatencyCostModel, got {type(cost_model).__name__}")
         self.cost_model = cost_model
+        if max_stats_gb is not None and not max_stats_gb > 0:
+            raise ValueError(f"max_stats_gb must be > 0 (or None for no limit), got {max_stats_gb!r}")
+        self.max_stats_gb = max_stats_gb
 
     # -- what subclasses implement ---------------------------------------------------------------
     def needs_calibration(self) -> bool:
@@ -145,6 +151,11 @@ class Compressor(ABC):
         """Accumulators for a second calibration pass, chosen from the first pass's statistics
         (e.g. per-cluster statistics once clusters are known). Default: none."""
         return []
+
+    def statistics_bytes(self, info: LayerInfo) -> int:
+        """Memory :meth:`statistics` will allocate for this layer (first pass), for grouping
+        layers under ``max_stats_gb``. Default: create them and count (then drop them)."""
+        return sum(t.numel() * t.element_size() for a in self.statistics(info) for t in a.tensors())
 
     @abstractmethod
     def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
@@ -246,39 +257,45 @@ class Compressor(ABC):
             else:
                 live.append(n)
 
-        stats = {n: self.statistics(infos[n]) for n in live}
-        n_samples = 0
-        if any(stats.values()):
-            n_samples = run_calibration(work, stats, calib, progress=self.progress,
-                                        desc=f"{self.name}: calibration")
-            extra = {n: self.second_statistics(infos[n], stats[n]) for n in live}
-            if any(extra.values()):
-                run_calibration(work, extra, calib, progress=self.progress, desc=f"{self.name}: calibration 2")
-                stats = {n: stats[n] + extra[n] for n in live}
         plans: list[LayerPlan] = []
-        bar = tqdm(live, desc=f"{self.name}: decompose", unit="layer", leave=False,
+        n_samples = 0
+        groups = self._statistics_groups(live, infos)
+        bar = tqdm(total=len(live), desc=f"{self.name}: decompose", unit="layer", leave=False,
                    disable=not progress_enabled(self.progress))
-        for n in bar:
-            info = infos[n]
-            dense = {"macs": float(before.module_macs.get(n, 0)), "params": float(count_params(info.module))}
-            result = self.plan(info, stats[n])
-            if isinstance(result, str):
-                reports[n] = self._layer_report(n, info.module, "dense", result, int(dense["macs"]))
-                continue
-            result.dense_cost = dense
-            result.dense_fallback = self.dense_fallback
-            for b in result.blocks:
-                b.step = max(b.step, self.rank_multiple)
-                b.min_rank = min(max(b.min_rank, min(self.rank_multiple, b.max_rank)), b.max_rank)
-            if self.dense_fallback and result.factorised_cost(result.min_ranks(), counted) >= dense[counted]:
-                reports[n] = self._layer_report(
-                    n, info.module, "dense",
-                    f"factorising cannot save {counted}: the smallest rank costs "
-                    f"{result.factorised_cost(result.min_ranks(), counted):,.0f} >= dense {dense[counted]:,.0f}",
-                    int(dense["macs"]))
-                continue
-            plans.append(result)
-        del stats
+        for g, (group, stats) in enumerate(groups):
+            tag = f" {g + 1}/{len(groups.layers)}" if len(groups.layers) > 1 else ""
+            if any(stats.values()):
+                n_samples = run_calibration(work, stats, calib, progress=self.progress,
+                                            desc=f"{self.name}: calibration{tag}")
+                extra = {n: self.second_statistics(infos[n], stats[n]) for n in group}
+                if any(extra.values()):
+                    run_calibration(work, extra, calib, progress=self.progress,
+                                    desc=f"{self.name}: calibration 2{tag}")
+                    stats = {n: stats[n] + extra[n] for n in group}
+                    del extra
+            for n in group:
+                bar.update(1)
+                info = infos[n]
+                dense = {"macs": float(before.module_macs.get(n, 0)), "params": float(count_params(info.module))}
+                result = self.plan(info, stats.pop(n))
+                if isinstance(result, str):
+                    reports[n] = self._layer_report(n, info.module, "dense", result, int(dense["macs"]))
+                    continue
+                result.dense_cost = dense
+                result.dense_fallback = self.dense_fallback
+                for b in result.blocks:
+                    b.step = max(b.step, self.rank_multiple)
+                    b.min_rank = min(max(b.min_rank, min(self.rank_multiple, b.max_rank)), b.max_rank)
+                if self.dense_fallback and result.factorised_cost(result.min_ranks(), counted) >= dense[counted]:
+                    reports[n] = self._layer_report(
+                        n, info.module, "dense",
+                        f"factorising cannot save {counted}: the smallest rank costs "
+                        f"{result.factorised_cost(result.min_ranks(), counted):,.0f} >= dense {dense[counted]:,.0f}",
+                        int(dense["macs"]))
+                    continue
+                plans.append(result)
+            del stats
+        bar.close()
         target_names = [n for n in names if n in infos]
         latency: dict[str, Any] | None = None
         if metric == "latency":
@@ -395,6 +412,9 @@ class Compressor(ABC):
         report.seconds = time.perf_counter() - t0
         return CompressionResult(out, report)
 
+    def _statistics_groups(self, live: list[str], infos: dict[str, LayerInfo]) -> "_StatGroups":
+        return _StatGroups(self, live, infos)
+
     def _cost_model(self) -> LatencyCostModel:
         return self.cost_model if self.cost_model is not None else LatencyCostModel(self.latency_batch)
 
@@ -500,3 +520,37 @@ class Compressor(ABC):
             for h in handles:
                 h.remove()
         return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}
+
+
+class _StatGroups:
+    """Layers in groups whose calibration statistics fit in ``max_stats_gb``, each with its
+    accumulators: one calibration pass per group, statistics freed once the group is planned.
+
+    Groups are closed as accumulators are created, so the peak is the budget plus one layer's
+    statistics (a single layer larger than the budget gets a group of its own). Second-pass
+    statistics (HSC's per-cluster moments) come on top and are of the same order.
+    """
+
+    def __init__(self, compressor: Compressor, live: list[str], infos: dict[str, LayerInfo]) -> None:
+        self.compressor, self.infos = compressor, infos
+        limit = compressor.max_stats_gb * 2**30 if compressor.max_stats_gb is not None else math.inf
+        self.layers: list[list[str]] = []
+        self.first: dict[str, list[Accumulator]] = {}
+        group: list[str] = []
+        used = 0.0
+        for n in live:
+            size = compressor.statistics_bytes(infos[n])
+            if group and used + size > limit:
+                self.layers.append(group)
+                group, used = [], 0.0
+            group.append(n)
+            used += size
+        if group:
+            self.layers.append(group)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        for group in self.layers:  # accumulators are created only when their group's turn comes
+            yield group, {n: self.compressor.statistics(self.infos[n]) for n in group}

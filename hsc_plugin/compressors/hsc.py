@@ -338,6 +338,14 @@ class HSC(Compressor):
         cells = self.cells if self.cells is not None else self._partitioner.statistics_grid(FINE_CELLS)
         return (max(1, min(cells[0], h)), max(1, min(cells[1], w)))
 
+    def statistics_bytes(self, info: LayerInfo) -> int:
+        m = info.module
+        if not self._spatial(info):
+            return 8 * (int(m.weight.shape[0]) ** 2 + 1)  # float64 moment and its count
+        gh, gw = self._grid(info)
+        per_cell = m.out_channels**2 + 1 + (m.in_channels**2 + 1 if self.channel_side == "input" else 0)
+        return 8 * gh * gw * per_cell
+
     def statistics(self, info: LayerInfo) -> list[Accumulator]:
         m = info.module
         dev = m.weight.device
