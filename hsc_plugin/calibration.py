@@ -129,10 +129,14 @@ class LayerInfo:
         return self.out_hw[0] * self.out_hw[1]
 
 
+class _StopForward(Exception):
+    """Raised from a hook to end a calibration forward pass early."""
+
+
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
     try:
         model(x)
-    except CalibrationError:
+    except (CalibrationError, _StopForward):
         raise
     except Exception as exc:  # re-raised with the shape, which is what users get wrong
         raise CalibrationError(
@@ -249,13 +253,19 @@ def run_calibration(
     *,
     progress: bool | None = None,
     desc: str = "calibration",
+    stop_early: bool = False,
 ) -> int:
     """Forward all calibration batches, feeding every layer's accumulators; returns #samples.
 
-    The model must be in eval mode (batch norm must use its running statistics).
+    The model must be in eval mode (batch norm must use its running statistics). With
+    ``stop_early`` each forward is cut short once every hooked layer has seen its batch (each is
+    called once per forward): calibrating the early layers of a big model costs only the early
+    part of the forward pass.
     """
     modules = dict(model.named_modules())
     handles = []
+    pending: set[str] = set()
+    hooked = {name for name, accs in accumulators.items() if accs}
 
     def make_hook(name: str):
         accs = accumulators[name]
@@ -264,6 +274,9 @@ def run_calibration(
             y = _pre_bias(mod, out)
             for acc in accs:
                 acc.update(inp[0], y)
+            pending.discard(name)
+            if stop_early and not pending:  # every hooked layer has its batch: skip the rest
+                raise _StopForward
 
         return hook
 
@@ -282,7 +295,11 @@ def run_calibration(
             ref = x if ref is None else ref
             if param is not None and x.dtype != param.dtype:
                 x = x.to(param.dtype)
-            _forward(model, x.to(device))
+            pending.update(hooked)
+            try:
+                _forward(model, x.to(device))
+            except _StopForward:
+                pass
             n += x.shape[0]
     finally:
         for h in handles:

@@ -265,11 +265,11 @@ class Compressor(ABC):
         for g, (group, stats) in enumerate(groups):
             tag = f" {g + 1}/{len(groups.layers)}" if len(groups.layers) > 1 else ""
             if any(stats.values()):
-                n_samples = run_calibration(work, stats, calib, progress=self.progress,
+                n_samples = run_calibration(work, stats, calib, progress=self.progress, stop_early=True,
                                             desc=f"{self.name}: calibration{tag}")
                 extra = {n: self.second_statistics(infos[n], stats[n]) for n in group}
                 if any(extra.values()):
-                    run_calibration(work, extra, calib, progress=self.progress,
+                    run_calibration(work, extra, calib, progress=self.progress, stop_early=True,
                                     desc=f"{self.name}: calibration 2{tag}")
                     stats = {n: stats[n] + extra[n] for n in group}
                     del extra
