@@ -230,3 +230,16 @@ def test_fixed_grid_needs_only_its_own_cells(side: str) -> None:
     assert [L.ranks for L in coarse.report.layers] == [L.ranks for L in fine.report.layers]
     with torch.no_grad():
         torch.testing.assert_close(coarse.model(x), fine.model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_blocks_can_be_dropped_under_a_tight_budget() -> None:
+    """HSC blocks start at rank 0 (bias only), so budgets far below one rank per block are
+    reachable; the shared pipeline must not raise them to rank 1 (it did, via rank_multiple)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(16, 3, 32, 32)
+    res = compress(model, "hsc", calib=x, budget=Budget(25.0, scope="targets"), progress=False)
+    assert abs(res.report.achieved_ratio / 25.0 - 1) <= 0.02
+    assert any(v == 0 for L in res.report.layers for v in L.ranks.values())
+    with torch.no_grad():
+        assert torch.isfinite(res.model(x)).all()

@@ -285,7 +285,8 @@ class Compressor(ABC):
                 result.dense_fallback = self.dense_fallback
                 for b in result.blocks:
                     b.step = max(b.step, self.rank_multiple)
-                    b.min_rank = min(max(b.min_rank, min(self.rank_multiple, b.max_rank)), b.max_rank)
+                    if b.min_rank > 0:  # a droppable block (HSC's rank 0: bias only) stays droppable
+                        b.min_rank = min(max(b.min_rank, self.rank_multiple), b.max_rank)
                 if self.dense_fallback and result.factorised_cost(result.min_ranks(), counted) >= dense[counted]:
                     reports[n] = self._layer_report(
                         n, info.module, "dense",
