@@ -234,7 +234,7 @@ def _measure(model: Any, test: Any, latency: bool, n_boot: int, seed: int) -> di
     return row
 
 
-def run_trial(params: Mapping[str, Any], src: ModelSource, *, n_calib: int = 128, latency: bool = False,
+def run_trial(params: Mapping[str, Any], src: ModelSource, *, n_calib: int = 256, latency: bool = False,
               n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Compress the model with one point of the search space and measure it (one NNI trial)."""
     import torch
@@ -638,7 +638,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--max-duration", help="experiment time limit (NNI maxExperimentDuration), e.g. 2h")
     s.add_argument("--threads", type=int, help="torch threads per trial (default: CPUs / concurrency; "
                                                "torch's default on other training services)")
-    s.add_argument("--n-calib", type=int, default=128, help="calibration images per trial")
+    s.add_argument("--n-calib", type=int, default=256, help="calibration images per trial")
     s.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the standard errors")
     s.add_argument("--latency", action=argparse.BooleanOptionalAction, default=False,
                    help="measure CPU latency (batch 1) in every trial; needs --concurrency 1 to mean anything")
@@ -663,7 +663,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--input-size", type=int, required=True)
     t.add_argument("--width", type=float, required=True)
     t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--n-calib", type=int, default=128)
+    t.add_argument("--n-calib", type=int, default=256)
     t.add_argument("--n-boot", type=int, default=1000)
     t.add_argument("--latency", action="store_true")
     t.add_argument("--seed", type=int, default=0)

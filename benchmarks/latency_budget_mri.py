@@ -8,7 +8,7 @@ latency the cost model predicted and the latency measured afterwards on the whol
 
 Run it on an idle machine:
 
-    python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.5 2] [--batches 1 32]
+    python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.25 1.5 2] [--batches 1 32]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ METHODS = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--ratios", type=float, nargs="+", default=[1.5, 2.0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.5, 2.0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--out")

@@ -63,7 +63,10 @@ class LatencyCostModel:
         """Milliseconds of the plan's factorised layer as a function of its ranks."""
         samples: dict[tuple[int, ...], None] = {}
         for f in self.fractions:
-            ranks = tuple(b.round(max(b.min_rank, math.ceil(f * b.max_rank))) for b in plan.blocks)
+            # At least rank 1 per block: a block dropped to rank 0 outputs only its bias, which is
+            # fast and useless; below the smallest sample the time is held at that sample's, so
+            # dropping blocks never looks like a way to save time.
+            ranks = tuple(b.round(max(b.min_rank, 1, math.ceil(f * b.max_rank))) for b in plan.blocks)
             samples[ranks] = None
         points = []
         with torch.no_grad():
@@ -78,7 +81,8 @@ class LatencyCostModel:
 
 
 class _Interpolated:
-    """Piecewise-linear time over MACs; linear extrapolation beyond the last sample."""
+    """Piecewise-linear time over MACs: constant below the first sample, linear extrapolation
+    beyond the last."""
 
     def __init__(self, plan: "LayerPlan", xs: np.ndarray, ys: np.ndarray) -> None:
         self.plan, self.xs, self.ys = plan, xs, ys

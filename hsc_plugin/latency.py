@@ -44,9 +44,12 @@ def measure_latency(
     ``input_shape`` is per sample (C, H, W). Runs ``warmup`` untimed passes first; on CUDA each
     run is synchronised. The model is put in eval mode for the measurement and restored after.
     """
-    param = next(model.parameters())
-    dev = torch.device(device) if device is not None else param.device
-    x = torch.randn(batch, *input_shape, device=dev, dtype=param.dtype)
+    # A module may have no parameters (an HSC block at rank 0 outputs its bias buffer).
+    ref = next(model.parameters(), None)
+    if ref is None:
+        ref = next((b for b in model.buffers() if b.is_floating_point()), torch.zeros(()))
+    dev = torch.device(device) if device is not None else ref.device
+    x = torch.randn(batch, *input_shape, device=dev, dtype=ref.dtype)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     was_training = model.training

@@ -42,6 +42,9 @@ class SpatialPartitioner(Strategy):
     """Tiles a layer's output map into rectangles from per-cell statistics."""
 
     kind = "partitioner"
+    # Whether ``partition`` reads the cells' output second moments (``cell_stats.S``). A fixed
+    # tiling reads only the grid and the map size, which spares the C_out² statistics per cell.
+    uses_moments: ClassVar[bool] = True
 
     @abstractmethod
     def partition(self, cell_stats: Any) -> Any: ...

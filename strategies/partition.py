@@ -25,6 +25,7 @@ class NoPartition(SpatialPartitioner):
     """One region: the whole map (fastest; HSC then differs from SVD only by its clusters)."""
 
     name = "none"
+    uses_moments = False
 
     def partition(self, cell_stats: Any) -> Tiling:
         return Tiling.full(cell_stats.grid)
@@ -38,6 +39,7 @@ class GridPartitioner(SpatialPartitioner):
     ``min_region`` pixels a side (small maps get no regions: they cost time and gain little)."""
 
     name = "grid"
+    uses_moments = False
 
     def __init__(self, grid: tuple[int, int] | int = (2, 2), min_region: int = 4) -> None:
         g = (grid, grid) if isinstance(grid, int) else tuple(grid)

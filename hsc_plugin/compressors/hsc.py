@@ -74,12 +74,19 @@ class CellStats(Accumulator):
     """
 
     def __init__(self, channels: int, grid: tuple[int, int], out_hw: tuple[int, int], side: str,
-                 device: torch.device) -> None:
+                 device: torch.device, moments: bool = True) -> None:
         self.grid = grid
         self.out_hw = out_hw
         self.side = side
-        self.S = torch.zeros(grid[0], grid[1], channels, channels, dtype=torch.float64, device=device)
+        self.moments = moments  # False: pixel counts only (a fixed tiling needs no more)
+        c = channels if moments else 0
+        self.S = torch.zeros(grid[0], grid[1], c, c, dtype=torch.float64, device=device)
         self.count = torch.zeros(grid[0], grid[1], dtype=torch.float64, device=device)
+
+    @staticmethod
+    def nbytes(channels: int, grid: tuple[int, int], moments: bool = True) -> int:
+        """What the accumulator allocates (float64 moments and counts)."""
+        return 8 * grid[0] * grid[1] * ((channels**2 if moments else 0) + 1)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t = y if self.side == "output" else x
@@ -87,12 +94,13 @@ class CellStats(Accumulator):
         for i in range(self.grid[0]):
             for j in range(self.grid[1]):
                 block = t[:, :, re[i]:re[i + 1], ce[j]:ce[j + 1]]
-                Y = block.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
-                self.S[i, j] += Y.T @ Y
-                self.count[i, j] += Y.shape[0]
+                if self.moments:
+                    Y = block.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+                    self.S[i, j] += Y.T @ Y
+                self.count[i, j] += block.shape[0] * block.shape[2] * block.shape[3]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.S, self.count]
+        return [self.S, self.count] if self.moments else [self.count]
 
     def region(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         return self.S[r0:r1, c0:c1].sum(dim=(0, 1))
@@ -113,7 +121,12 @@ class ClusterContributions(Accumulator):
         self.clusters = clusters
         co = module.out_channels
         dev = module.weight.device
-        self.T = [[torch.zeros(co, co, dtype=torch.float64, device=dev) for _ in cl] for cl in clusters]
+        kk = module.kernel_size[0] * module.kernel_size[1]
+        # E[y_c y_cᵀ] = W_c E[p_c p_cᵀ] W_cᵀ with p_c the cluster's input patches (|c|·k² long):
+        # accumulate whichever Gram is smaller — for 1×1 convs and small clusters the patches'.
+        self.patch = [[len(idx) * kk < co for idx in cl] for cl in clusters]
+        self.G = [[torch.zeros((len(idx) * kk,) * 2 if p else (co, co), dtype=torch.float64, device=dev)
+                   for idx, p in zip(cl, pr)] for cl, pr in zip(clusters, self.patch)]
         k, d = module.kernel_size, module.dilation
         pad = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         self.pad = list(explicit_padding(pad, k, d))
@@ -131,12 +144,33 @@ class ClusterContributions(Accumulator):
                       q0 * m.stride[1]:(q1 - 1) * m.stride[1] + self.halo[1]]
             for c, idx in enumerate(self.clusters[r]):
                 ix = torch.tensor(idx, device=x.device)
-                yc = F.conv2d(crop.index_select(1, ix), W.index_select(1, ix), stride=m.stride, dilation=m.dilation)
-                Y = yc.permute(0, 2, 3, 1).reshape(-1, yc.shape[1]).double()
-                self.T[r][c] += Y.T @ Y
+                xc = crop.index_select(1, ix)
+                if self.patch[r][c]:
+                    P = F.unfold(xc, m.kernel_size, dilation=m.dilation, stride=m.stride)  # (N, |c|k², L)
+                    Y = P.transpose(1, 2).reshape(-1, P.shape[1]).double()
+                else:
+                    yc = F.conv2d(xc, W.index_select(1, ix), stride=m.stride, dilation=m.dilation)
+                    Y = yc.permute(0, 2, 3, 1).reshape(-1, yc.shape[1]).double()
+                self.G[r][c] += Y.T @ Y
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for row in self.T for t in row]
+        return [t for row in self.G for t in row]
+
+    @property
+    def T(self) -> list[list[torch.Tensor]]:
+        """Per (region, cluster): the output second moment of the cluster's contribution."""
+        W = self.module.weight.detach().double()
+        out = []
+        for cl, pr, gr in zip(self.clusters, self.patch, self.G):
+            row = []
+            for idx, p, G in zip(cl, pr, gr):
+                if p:
+                    Wc = W[:, idx].reshape(W.shape[0], -1)  # unfold's order: channel, then kernel offsets
+                    row.append(Wc @ G @ Wc.T)
+                else:
+                    row.append(G)
+            out.append(row)
+        return out
 
 
 def _region_pixels(tiling: Tiling, out_hw: tuple[int, int]) -> list[int]:
@@ -342,9 +376,11 @@ class HSC(Compressor):
         m = info.module
         if not self._spatial(info):
             return 8 * (int(m.weight.shape[0]) ** 2 + 1)  # float64 moment and its count
-        gh, gw = self._grid(info)
-        per_cell = m.out_channels**2 + 1 + (m.in_channels**2 + 1 if self.channel_side == "input" else 0)
-        return 8 * gh * gw * per_cell
+        grid = self._grid(info)
+        if self.channel_side == "output":
+            return CellStats.nbytes(m.out_channels, grid)
+        return (CellStats.nbytes(m.out_channels, grid, self._partitioner.uses_moments)
+                + CellStats.nbytes(m.in_channels, grid))
 
     def statistics(self, info: LayerInfo) -> list[Accumulator]:
         m = info.module
@@ -352,10 +388,12 @@ class HSC(Compressor):
         if not self._spatial(info):
             return [OutputMoment(m.weight.shape[0], dev)]
         grid = self._grid(info)
-        accs: list[Accumulator] = [CellStats(m.out_channels, grid, info.out_hw, "output", dev)]
-        if self.channel_side == "input":
-            accs.append(CellStats(m.in_channels, grid, info.out_hw, "input", dev))
-        return accs
+        if self.channel_side == "output":
+            return [CellStats(m.out_channels, grid, info.out_hw, "output", dev)]
+        # Input side: output moments only for partitioners that read them (the input clusters'
+        # own output statistics come in the second pass).
+        return [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=self._partitioner.uses_moments),
+                CellStats(m.in_channels, grid, info.out_hw, "input", dev)]
 
     def _cluster(self, S: torch.Tensor) -> list[list[int]]:
         A = coactivation(S)
