@@ -17,6 +17,7 @@ __all__ = [
     "truncated_svd",
     "rrr_basis",
     "sym_eig_desc",
+    "factor_eig_desc",
     "sqrtm_psd",
     "tucker2",
     "evbmf_rank",
@@ -48,6 +49,13 @@ def rrr_basis(S_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (eigenvalues descending, eigenvectors as columns).
     """
     return sym_eig_desc(S_out)
+
+
+def factor_eig_desc(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of ``S = F Fᵀ`` from a thin factor (C × D, D < C): O(C·D²) instead of
+    O(C³). Eigenvalues descending; only the D possibly non-zero ones are returned."""
+    U, s, _ = torch.linalg.svd(F.double(), full_matrices=False)
+    return s * s, U
 
 
 def sqrtm_psd(S: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from torch import nn
 from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
-from hsc_plugin.decomposition import sym_eig_desc
+from hsc_plugin.decomposition import sym_eig_desc, factor_eig_desc
 from hsc_plugin.modules import LowRankConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.registry import create
@@ -156,21 +156,40 @@ class ClusterContributions(Accumulator):
     def tensors(self) -> list[torch.Tensor]:
         return [t for row in self.G for t in row]
 
-    @property
-    def T(self) -> list[list[torch.Tensor]]:
-        """Per (region, cluster): the output second moment of the cluster's contribution."""
+    def moments(self) -> list[list["Moment"]]:
+        """Per (region, cluster): the output second moment of the cluster's contribution, as the
+        matrix or — from a patch Gram — as a thin factor ``W_c G^½`` (same eigenvectors, cheaper)."""
         W = self.module.weight.detach().double()
         out = []
         for cl, pr, gr in zip(self.clusters, self.patch, self.G):
-            row = []
+            row: list[Moment] = []
             for idx, p, G in zip(cl, pr, gr):
                 if p:
                     Wc = W[:, idx].reshape(W.shape[0], -1)  # unfold's order: channel, then kernel offsets
-                    row.append(Wc @ G @ Wc.T)
+                    evals, evecs = sym_eig_desc(G)
+                    row.append(Moment(factor=Wc @ (evecs * evals.sqrt())))
                 else:
-                    row.append(G)
+                    row.append(Moment(matrix=G))
             out.append(row)
         return out
+
+    @property
+    def T(self) -> list[list[torch.Tensor]]:
+        """Per (region, cluster): the output second moment of the cluster's contribution."""
+        return [[m.dense() for m in row] for row in self.moments()]
+
+
+class Moment:
+    """A PSD second moment, given as the matrix ``S`` or as a thin factor ``F`` with ``S = F Fᵀ``."""
+
+    def __init__(self, matrix: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> None:
+        self.matrix, self.factor = matrix, factor
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
+
+    def dense(self) -> torch.Tensor:
+        return self.matrix if self.factor is None else self.factor @ self.factor.T
 
 
 def _region_pixels(tiling: Tiling, out_hw: tuple[int, int]) -> list[int]:
@@ -198,7 +217,7 @@ class HSCPlan(LayerPlan):
             row: list[torch.Tensor] = []
             spectra: list[torch.Tensor] = []
             for c, (idx, S) in enumerate(zip(cl, mom)):
-                evals, evecs = sym_eig_desc(S)
+                evals, evecs = S.eig() if isinstance(S, Moment) else sym_eig_desc(S)
                 if side == "output":
                     k = min(len(idx), m.in_channels * self.kk)
                 else:
@@ -419,7 +438,7 @@ class HSC(Compressor):
         cells: CellStats = stats[0]  # type: ignore[assignment]
         if self.channel_side == "input":
             contrib: ClusterContributions = stats[-1]  # type: ignore[assignment]
-            return HSCPlan(info, contrib.tiling, "input", contrib.clusters, contrib.T, tied=self.balanced)
+            return HSCPlan(info, contrib.tiling, "input", contrib.clusters, contrib.moments(), tied=self.balanced)
         tiling = self._partitioner.partition(cells)
         clusters, moments = [], []
         for reg in tiling.regions:

@@ -104,8 +104,9 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
             t = timing(slug, load(Path(args.measure_latency) / slug, fresh()))
         row["latency_b1_ms"], row["latency_b32_ms"] = t
     cmd = "hsc reproduce " + " ".join(sys.argv[2:])
-    meta = dict(meta, latency_command=cmd, latency_machine=machine_description())
-    meta["command"] = f"{meta['command']}` then `{cmd}"
+    first = meta.get("accuracy_command", meta["command"])  # the accuracy pass (rerunning this pass keeps it)
+    meta = dict(meta, accuracy_command=first, latency_command=cmd, latency_machine=machine_description())
+    meta["command"] = f"{first}` then `{cmd}"
     save_json(rows, out / "results.json", meta)
     plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
     (out / "RESULTS.md").write_text(results_markdown(rows, meta))
