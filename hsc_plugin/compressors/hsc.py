@@ -97,6 +97,8 @@ class CellStats(Accumulator):
                 if self.moments:
                     Y = block.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
                     self.S[i, j] += Y.T @ Y
+                elif not bool(torch.isfinite(block).all()):  # still report where NaN/Inf appear
+                    self.count[i, j] += float("nan")
                 self.count[i, j] += block.shape[0] * block.shape[2] * block.shape[3]
 
     def tensors(self) -> list[torch.Tensor]:
