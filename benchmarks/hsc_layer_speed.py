@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, compress, measure_costs
 from hsc_plugin.latency import measure_latency
 from hsc_plugin.mri import alexnet_mri
@@ -113,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         lines += ["", "Variants that could not be built at this budget:", ""]
         lines += [f"- {name} ({'x'.join(map(str, shape))}), {label}: {why}" for name, shape, label, why in failed]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
 from hsc_plugin.latency import measure_latency
 from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
@@ -84,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{mac_ratio:.2f}x | {base_ms:.3f} | {lat.get('predicted_after_ms', float('nan')):.3f} | {ms:.3f} | "
                     f"{base_ms / ms:.2f}x | {base_ms / ms / mac_ratio:.0%} | {kept} | {secs:.1f} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 

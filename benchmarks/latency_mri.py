@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import load, measure_costs
 from hsc_plugin.latency import measure_latency
 from hsc_plugin.mri import alexnet_mri, paper_recipe
@@ -51,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         r = m0 / macs
         lines.append(f"| {name} | {macs / 1e6:.2f} | {r:.2f}x | {t1:.3f} | {b1 / t1:.2f}x | {t32:.2f} | {b32 / t32:.2f}x | "
                      f"{b1 / t1 / r:.0%}, {b32 / t32 / r:.0%} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(lines, args.out)
     return 0
 
 

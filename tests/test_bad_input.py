@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SmallCNN, snapshot
+from conftest import SmallCNN, assert_unchanged, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,16 +34,6 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def modes(model: nn.Module) -> dict[str, bool]:
     return {n: m.training for n, m in model.named_modules()}
-
-
-def assert_unchanged(model: nn.Module, snap: tuple[dict[str, torch.Tensor], str]) -> None:
-    """conftest's check, with NaN equal to NaN (some cases put NaN in the model on purpose)."""
-    state, structure = snap
-    assert repr(model) == structure
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def _model() -> nn.Module:
