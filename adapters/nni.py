@@ -77,7 +77,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from hsc_plugin.api import compress as _compress
 from hsc_plugin.budget import Budget
-from hsc_plugin.calibration import CalibrationError
+from hsc_plugin.calibration import CalibrationError, _extract
 from hsc_plugin.registry import lookup
 from hsc_plugin.report import LayerReport, Report
 from hsc_plugin.spatial import RegionBlock, SpatioChannelConv2d
@@ -372,18 +372,14 @@ class _Enough(Exception):
 
 
 def _input_of(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for k in ("input", "inputs", "x", "image", "images", "pixel_values"):
-            if isinstance(batch.get(k), torch.Tensor):
-                return batch[k]
-    raise CalibrationError(
-        f"Cannot find the input tensor in a training batch of type {type(batch).__name__}; "
-        "pass calib=... to LowRankCompressor"
-    )
+    """The input tensor of a training batch, found as calibration items are (``calibration._extract``)."""
+    try:
+        return _extract(batch)
+    except CalibrationError:
+        raise CalibrationError(
+            f"Cannot find the input tensor in a training batch of type {type(batch).__name__}; "
+            "pass calib=... to LowRankCompressor"
+        ) from None
 
 
 def _evaluator_batches(evaluator: Evaluator, model: nn.Module, n: int) -> list[torch.Tensor]:

@@ -38,8 +38,8 @@ def test_groups_respect_the_memory_limit() -> None:
     groups = hsc._statistics_groups(names, infos)
     sizes = {n: hsc.statistics_bytes(infos[n]) for n in names}
     limit = 1e-4 * 2**30
-    assert sum(len(g) for g in groups.layers) == len(names) and len(groups) > 1
-    for g in groups.layers:
+    assert sum(len(g) for g in groups) == len(names) and len(groups) > 1
+    for g in groups:
         assert len(g) == 1 or sum(sizes[n] for n in g) <= limit
     # the estimate is what the accumulators really allocate
     for n in names:

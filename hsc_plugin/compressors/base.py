@@ -262,8 +262,10 @@ class Compressor(ABC):
         groups = self._statistics_groups(live, infos)
         bar = tqdm(total=len(live), desc=f"{self.name}: decompose", unit="layer", leave=False,
                    disable=not progress_enabled(self.progress))
-        for g, (group, stats) in enumerate(groups):
-            tag = f" {g + 1}/{len(groups.layers)}" if len(groups.layers) > 1 else ""
+        for g, group in enumerate(groups):
+            tag = f" {g + 1}/{len(groups)}" if len(groups) > 1 else ""
+            # accumulators are created only when their group's turn comes
+            stats = {n: self.statistics(infos[n]) for n in group}
             if any(stats.values()):
                 n_samples = run_calibration(work, stats, calib, progress=self.progress, stop_early=True,
                                             desc=f"{self.name}: calibration{tag}")
@@ -299,8 +301,9 @@ class Compressor(ABC):
         bar.close()
         target_names = [n for n in names if n in infos]
         latency: dict[str, Any] | None = None
-        if metric == "latency":
-            plans, latency = self._time_plans(plans, work, infos, target_names, example, reports, before)
+        cost_model = self._cost_model() if metric == "latency" else None
+        if cost_model is not None:
+            plans, latency = self._time_plans(cost_model, plans, work, infos, target_names, example, reports, before)
         if not plans:
             raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
                              f"{ {n: r.reason for n, r in reports.items()} }")
@@ -387,9 +390,8 @@ class Compressor(ABC):
                     f"{self.name} reached {got} instead of {budget.describe()} "
                     f"(tolerance {budget.tolerance:.0%}); layers are too coarse for this budget"
                 )
-        if latency is not None:
-            cm = self._cost_model()
-            latency["after_ms"] = cm.time(work, tuple(example.shape[1:]))
+        if latency is not None and cost_model is not None:
+            latency["after_ms"] = cost_model.time(work, tuple(example.shape[1:]))
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         report = Report(
             method=self.name,
@@ -413,18 +415,31 @@ class Compressor(ABC):
         report.seconds = time.perf_counter() - t0
         return CompressionResult(out, report)
 
-    def _statistics_groups(self, live: list[str], infos: dict[str, LayerInfo]) -> "_StatGroups":
-        return _StatGroups(self, live, infos)
+    def _statistics_groups(self, live: list[str], infos: dict[str, LayerInfo]) -> list[list[str]]:
+        """Layers in groups whose calibration statistics fit in ``max_stats_gb``: one calibration
+        pass per group, statistics freed once the group is planned. A single layer larger than
+        the limit gets a group of its own. Second-pass statistics (HSC's per-cluster moments)
+        come on top and are of the same order."""
+        limit = self.max_stats_gb * 2**30 if self.max_stats_gb is not None else math.inf
+        groups: list[list[str]] = []
+        used = 0.0
+        for n in live:
+            size = self.statistics_bytes(infos[n])
+            if not groups or used + size > limit:
+                groups.append([])
+                used = 0.0
+            groups[-1].append(n)
+            used += size
+        return groups
 
     def _cost_model(self) -> LatencyCostModel:
         return self.cost_model if self.cost_model is not None else LatencyCostModel(self.latency_batch)
 
-    def _time_plans(self, plans: list[LayerPlan], work: nn.Module, infos: dict[str, LayerInfo],
-                    target_names: list[str], example: torch.Tensor, reports: dict[str, LayerReport],
-                    before: Any) -> tuple[list[LayerPlan], dict[str, Any]]:
+    def _time_plans(self, cm: LatencyCostModel, plans: list[LayerPlan], work: nn.Module,
+                    infos: dict[str, LayerInfo], target_names: list[str], example: torch.Tensor,
+                    reports: dict[str, LayerReport], before: Any) -> tuple[list[LayerPlan], dict[str, Any]]:
         """Time the model, every target layer and every plan at a few ranks (the latency metric);
         keep dense the layers whose cheapest factorisation is not faster here."""
-        cm = self._cost_model()
         shape = tuple(example.shape[1:])
         dense_ms: dict[str, float] = {}
         kept: list[LayerPlan] = []
@@ -521,37 +536,3 @@ class Compressor(ABC):
             for h in handles:
                 h.remove()
         return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}
-
-
-class _StatGroups:
-    """Layers in groups whose calibration statistics fit in ``max_stats_gb``, each with its
-    accumulators: one calibration pass per group, statistics freed once the group is planned.
-
-    Groups are closed as accumulators are created, so the peak is the budget plus one layer's
-    statistics (a single layer larger than the budget gets a group of its own). Second-pass
-    statistics (HSC's per-cluster moments) come on top and are of the same order.
-    """
-
-    def __init__(self, compressor: Compressor, live: list[str], infos: dict[str, LayerInfo]) -> None:
-        self.compressor, self.infos = compressor, infos
-        limit = compressor.max_stats_gb * 2**30 if compressor.max_stats_gb is not None else math.inf
-        self.layers: list[list[str]] = []
-        self.first: dict[str, list[Accumulator]] = {}
-        group: list[str] = []
-        used = 0.0
-        for n in live:
-            size = compressor.statistics_bytes(infos[n])
-            if group and used + size > limit:
-                self.layers.append(group)
-                group, used = [], 0.0
-            group.append(n)
-            used += size
-        if group:
-            self.layers.append(group)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __iter__(self):
-        for group in self.layers:  # accumulators are created only when their group's turn comes
-            yield group, {n: self.compressor.statistics(self.infos[n]) for n in group}

@@ -26,7 +26,7 @@ from torch import nn
 from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
-from hsc_plugin.decomposition import sym_eig_desc, factor_eig_desc
+from hsc_plugin.decomposition import factor_eig_desc, sym_eig_desc
 from hsc_plugin.modules import LowRankConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.registry import create
@@ -62,9 +62,9 @@ def _edges(n: int, g: int) -> list[int]:
     return [i * n // g for i in range(g + 1)]
 
 
-
 # The statistics grid adaptive partitioners (quadtree) choose regions from.
 FINE_CELLS: tuple[int, int] = (8, 8)
+
 
 class CellStats(Accumulator):
     """Per-cell uncentred second moments of a map (g_h × g_w cells of C × C, float64).
@@ -175,11 +175,6 @@ class ClusterContributions(Accumulator):
             out.append(row)
         return out
 
-    @property
-    def T(self) -> list[list[torch.Tensor]]:
-        """Per (region, cluster): the output second moment of the cluster's contribution."""
-        return [[m.dense() for m in row] for row in self.moments()]
-
 
 class Moment:
     """A PSD second moment, given as the matrix ``S`` or as a thin factor ``F`` with ``S = F Fᵀ``."""
@@ -188,10 +183,8 @@ class Moment:
         self.matrix, self.factor = matrix, factor
 
     def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues descending and their eigenvectors (only the possibly non-zero ones for a factor)."""
         return sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
-
-    def dense(self) -> torch.Tensor:
-        return self.matrix if self.factor is None else self.factor @ self.factor.T
 
 
 def _region_pixels(tiling: Tiling, out_hw: tuple[int, int]) -> list[int]:
@@ -204,7 +197,7 @@ class HSCPlan(LayerPlan):
     """Blocks are (region, cluster) pairs; each keeps the top eigenvectors of its statistics."""
 
     def __init__(self, info: LayerInfo, tiling: Tiling, side: str, clusters: list[list[list[int]]],
-                 moments: list[list[torch.Tensor]], tied: bool = False) -> None:
+                 moments: list[list[Moment]], tied: bool = False) -> None:
         m: nn.Conv2d = info.module
         self.tiling = tiling
         self.side = side
@@ -219,7 +212,7 @@ class HSCPlan(LayerPlan):
             row: list[torch.Tensor] = []
             spectra: list[torch.Tensor] = []
             for c, (idx, S) in enumerate(zip(cl, mom)):
-                evals, evecs = S.eig() if isinstance(S, Moment) else sym_eig_desc(S)
+                evals, evecs = S.eig()
                 if side == "output":
                     k = min(len(idx), m.in_channels * self.kk)
                 else:
@@ -447,5 +440,5 @@ class HSC(Compressor):
             S = cells.region(*reg)
             cl = self._cluster(S)
             clusters.append(cl)
-            moments.append([S[idx][:, idx] for idx in cl])
+            moments.append([Moment(matrix=S[idx][:, idx]) for idx in cl])
         return HSCPlan(info, tiling, "output", clusters, moments)

@@ -60,11 +60,6 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_slug(label: str, ratio: float) -> str:
-    """Folder name of a saved compressed model (``run_comparison(save_dir=...)``)."""
-    return f"{ratio:g}x-" + "".join(ch if ch.isalnum() else "_" for ch in label)
-
-
 def measure_saved_latency(args: argparse.Namespace) -> int:
     """Second pass of ``hsc reproduce``: latency needs an idle machine, accuracy does not. Load the
     models kept by ``--save-models``, time them (2 threads, batch 1 and 32, median of 20 runs
@@ -72,8 +67,8 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     import json
 
     from hsc_plugin import load
-    from hsc_plugin.latency import measure_latency
     from hsc_plugin.mri import alexnet_mri, paper_recipe
+    from hsc_plugin.mri.experiment import latency_columns, model_slug
     from hsc_plugin.mri.report import machine_description, plot_pareto, results_markdown, save_json
 
     out = Path(args.out_dir)
@@ -85,13 +80,12 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     def fresh() -> torch.nn.Module:
         return alexnet_mri(width=recipe.width, input_size=recipe.input_size).eval()
 
-    timed: dict[str, tuple[float, float]] = {}
+    timed: dict[str, dict[str, float]] = {}
 
-    def timing(key: str, model: torch.nn.Module) -> tuple[float, float]:
+    def timing(key: str, model: torch.nn.Module) -> dict[str, float]:
         if key not in timed:
-            timed[key] = tuple(measure_latency(model, shape, batch=b, runs=args.latency_runs)["median_ms"]
-                               for b in (1, 32))  # type: ignore[assignment]
-            print(f"{key:<60} b1 {timed[key][0]:7.3f} ms  b32 {timed[key][1]:7.2f} ms", flush=True)
+            timed[key] = t = latency_columns(model, shape, args.latency_runs)
+            print(f"{key:<60} b1 {t['latency_b1_ms']:7.3f} ms  b32 {t['latency_b32_ms']:7.2f} ms", flush=True)
         return timed[key]
 
     for row in rows:
@@ -102,7 +96,7 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
         else:
             slug = model_slug(row["setting"], row["ratio"])  # fine-tuned rows share the structure
             t = timing(slug, load(Path(args.measure_latency) / slug, fresh()))
-        row["latency_b1_ms"], row["latency_b32_ms"] = t
+        row.update(t)
     cmd = "hsc reproduce " + " ".join(sys.argv[2:])
     first = meta.get("accuracy_command", meta["command"])  # the accuracy pass (rerunning this pass keeps it)
     meta = dict(meta, accuracy_command=first, latency_command=cmd, latency_machine=machine_description())

@@ -95,12 +95,21 @@ def _per_class(d: dict[str, Any], key: str, i: int) -> float:
     return float(v[i] if isinstance(v, (list, tuple)) else v.get(i, v.get(str(i))))
 
 
+def model_slug(label: str, ratio: float) -> str:
+    """Folder name of a saved compressed model (``run_comparison(save_dir=...)``)."""
+    return f"{ratio:g}x-" + "".join(ch if ch.isalnum() else "_" for ch in label)
+
+
+def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int) -> dict[str, float]:
+    """The table's latency columns: CPU ms (2 threads, median of ``runs``) at batch 1 and 32."""
+    return {f"latency_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs)["median_ms"] for b in (1, 32)}
+
+
 def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int) -> dict[str, Any]:
     c = measure_costs(model, torch.zeros(1, *input_shape))
     row: dict[str, Any] = {"macs": c.macs, "params": c.params}
     if latency:
-        row["latency_b1_ms"] = measure_latency(model, input_shape, batch=1, runs=runs)["median_ms"]
-        row["latency_b32_ms"] = measure_latency(model, input_shape, batch=32, runs=runs)["median_ms"]
+        row.update(latency_columns(model, input_shape, runs))
     return row
 
 
@@ -157,8 +166,6 @@ def run_comparison(
             seconds = time.perf_counter() - t0
             if save_dir is not None:  # for measuring latency later, on an idle machine
                 from hsc_plugin.serialization import save
-
-                from hsc_plugin.mri.cli import model_slug
 
                 save(result, f"{save_dir}/{model_slug(s.label, ratio)}")
             row = {"method": s.method, "setting": s.label, "ratio": ratio, "stage": "compress-only",
