@@ -140,8 +140,8 @@ def run_comparison(
     """Rows for the original model and for every (setting, ratio): compress-only, and fine-tuned
     (distilled from the original) when ``finetune_epochs > 0``. The fine-tuning default (SGD,
     lr 1e-3, no augmentation) is what did not hurt a near-optimal data-aware model on brain-MRI:
-    AdamW even at lr 2e-5, or augmented batches (which also re-estimate BatchNorm statistics on
-    a shifted distribution), cost 1-1.5 points at 3x in our runs. ``save_dir`` keeps every
+    AdamW (lr 5e-4 to 2e-5) or augmented batches (which also re-estimate BatchNorm statistics on
+    a shifted distribution) cost 0.7-1.5 points at 3x (benchmarks/results/finetune_recipes_mri.md). ``save_dir`` keeps every
     compressed model (``hsc_plugin.save`` format)."""
     model = model.eval()
     input_shape = tuple(test.tensors[0].shape[1:])
