@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def emit(lines: list[str], out: str | None) -> None:
@@ -11,3 +12,22 @@ def emit(lines: list[str], out: str | None) -> None:
     print(text)
     if out:
         Path(out).write_text(text + "\n")
+
+
+CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
+
+
+def checkpoint_model_and_data(data: str) -> tuple[Any, Any, Any, Any]:
+    """The committed brain-MRI AlexNet (``paper_recipe()``, eval mode), its train and test splits
+    of ``data`` at the recipe's size, and the 256 seeded calibration images every run uses."""
+    import torch
+
+    from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
+    from hsc_plugin.mri.experiment import calibration_subset
+
+    recipe = paper_recipe()
+    train = load_split(data, "train", recipe.input_size)
+    test = load_split(data, "test", recipe.input_size)
+    model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
+    model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    return model.eval(), train, test, calibration_subset(train, 256, 0)

@@ -16,18 +16,13 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
-import torch
-
-from _common import emit  # benchmarks/_common.py (scripts run from this folder)
+from _common import checkpoint_model_and_data, emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, compress
-from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
-from hsc_plugin.mri.experiment import calibration_subset, evaluate_model
+from hsc_plugin.mri.experiment import evaluate_model
 from hsc_plugin.mri.report import machine_description
 from hsc_plugin.mri.train import finetune
 
-CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
 # (optimizer, lr, augment)
 RECIPES = [("adamw", 5e-4, True), ("adamw", 1e-4, True), ("adamw", 2e-5, True), ("sgd", 1e-3, True),
            ("sgd", 1e-3, False), ("sgd", 1e-9, True), ("sgd", 1e-9, False)]
@@ -40,13 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    recipe = paper_recipe()
-    train = load_split(args.data, "train", recipe.input_size)
-    test = load_split(args.data, "test", recipe.input_size)
-    model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
-    model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    model.eval()
-    calib = calibration_subset(train, 256, 0)
+    model, train, test, calib = checkpoint_model_and_data(args.data)
     lines = [f"Command: `python benchmarks/finetune_recipes_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {machine_description()}\n",
              f"Data-aware Global SVD, then {args.epochs} epoch(s) of distillation fine-tuning (batch 64, cosine "

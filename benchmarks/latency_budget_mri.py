@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import emit  # benchmarks/_common.py (scripts run from this folder)
+from _common import checkpoint_model_and_data, emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
 from hsc_plugin.latency import measure_latency
-from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
-from hsc_plugin.mri.experiment import calibration_subset, evaluate_model
+from hsc_plugin.mri.experiment import evaluate_model
 from hsc_plugin.mri.report import machine_description
 
-CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
 METHODS = {
     "global_svd (data-aware)": ("global_svd", {"data_aware": True}),
     "tucker2 (data-aware)": ("tucker2", {"data_aware": True}),
@@ -45,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    recipe = paper_recipe()
-    train = load_split(args.data, "train", recipe.input_size)
-    test = load_split(args.data, "test", recipe.input_size)
-    model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
-    model.load_state_dict(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
-    model.eval()
-    calib = calibration_subset(train, 256, 0)
+    model, train, test, calib = checkpoint_model_and_data(args.data)
     shape = tuple(test.tensors[0].shape[1:])
     macs0 = measure_costs(model, torch.zeros(1, *shape)).macs
     lines = [f"Command: `python benchmarks/latency_budget_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
