@@ -143,3 +143,47 @@ def test_tucker2_gram_backend_matches_tensorly() -> None:
         errs.append(((approx - W.double()).norm() / W.norm()).item())
     assert abs(errs[0] - errs[1]) < 1e-3, errs
     assert 0 < errs[0] < 1
+
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tucker2_full_input_rank_folds_the_first_1x1(data_aware: bool, groups: int) -> None:
+    """At full input rank Tucker-2's first 1×1 is an invertible map: the layer is built as k×k → 1×1
+    without it, computes the same function as the three-conv form, and its cost counts what runs."""
+    from hsc_plugin import measure_costs
+    from hsc_plugin.calibration import LayerInfo
+    from hsc_plugin.compressors.tucker2 import Tucker2Plan
+    from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 16, 3, padding=1, groups=groups)
+    x = torch.randn(6, 4, 12, 12)
+    S_out = S_in = None
+    if data_aware:  # what the compressor's accumulators collect
+        y = nn.functional.conv2d(x, conv.weight.detach(), None, padding=1, groups=groups).permute(0, 2, 3, 1).reshape(-1, 16)
+        S_out = (y.T @ y).double()
+        xf = x.permute(0, 2, 3, 1).reshape(-1, 4)
+        S_in = (xf.T @ xf).double()
+    plan = Tucker2Plan(LayerInfo("c", conv, (4, 12, 12), (16, 12, 12)), S_out, S_in)
+    plan.dense_cost = {"macs": 144.0 * 16 * 4 // groups * 9, "params": 0.0}
+    full_in = 4 // groups
+    folded = plan.build([3, full_in])
+    assert isinstance(folded, LowRankConv2d)
+    three = plan.build([3, full_in - 1])
+    assert isinstance(three, Tucker2Conv2d)
+    # The same map as the unfolded form: rebuild it by hand from the folded weights' factors.
+    ref = Tucker2Conv2d(4, 16, full_in, 3, {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1),
+                                             "dilation": (1, 1), "padding_mode": "zeros"}, groups=groups)
+    from hsc_plugin.decomposition import tucker2
+
+    with torch.no_grad():
+        parts = [tucker2(Wg, 3, full_in, S_out=So, S_in=Si) for Wg, So, Si in zip(plan.weights, plan.S_out, plan.S_in)]
+        ref.first.weight.copy_(torch.cat([V.T for _, _, V in parts], 0)[:, :, None, None].float())
+        ref.core.weight.copy_(torch.cat([c for _, c, _ in parts], 0).float())
+        ref.last.weight.copy_(torch.cat([U for U, _, _ in parts], 0)[:, :, None, None].float())
+        ref.last.bias.copy_(conv.bias)
+        assert torch.allclose(folded(x), ref(x), atol=1e-4)
+    counted = measure_costs(nn.Sequential(folded), x[:1]).macs
+    assert counted == plan.factorised_cost([3, full_in], "macs")
+    assert measure_costs(nn.Sequential(three), x[:1]).macs == plan.factorised_cost([3, full_in - 1], "macs")
