@@ -72,6 +72,7 @@ class LayerPlan(ABC):
         # function of the ranks. The compressor fills this; subclasses need not know about it.
         self.measured_costs: dict[str, Callable[[list[int]], float]] = {}
         self.note = ""  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
+        self.form = ""  # which of a layer's alternative forms this is (see hsc_plugin.forms)
 
     # -- costs -------------------------------------------------------------------------------
     @abstractmethod

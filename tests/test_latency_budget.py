@@ -134,3 +134,91 @@ def test_latency_budget_parsing_and_validation() -> None:
     with pytest.raises(TypeError, match="cost_model"):
         compress(_model(), "global_svd", budget=Budget(2.0, metric="latency"), cost_model="fast",
                  example_input=torch.randn(1, 3, 24, 24))
+
+
+class FreeLaunches(FakeDevice):
+    """A device where only MACs cost time (a big batch on a big accelerator, roughly)."""
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        self.calls += 1
+        return measure_costs(module, torch.zeros(1, *input_shape)).macs * MS_PER_MAC * self.batch
+
+
+def _forms(res) -> dict[str, str]:
+    return {L.name: L.details["form"] for L in res.report.layers if L.status == "factorised" and "form" in L.details}
+
+
+def _two_halves(n: int = 8, c: int = 16, hw: int = 16) -> torch.Tensor:
+    """Images whose left and right halves carry different channel mixtures: each half's conv
+    outputs span few directions, the whole map's twice as many — regions pay here."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 4, c, generator=g)  # per half: 4 channel patterns
+    s = torch.randn(n, 4, hw, hw, generator=g)
+    left = torch.einsum("kc,nkhw->nchw", u[0], s)
+    right = torch.einsum("kc,nkhw->nchw", u[1], s)
+    return torch.cat([left[..., : hw // 2], right[..., hw // 2:]], dim=3)
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_hsc_splits_into_regions_only_where_measured_time_pays(side: str) -> None:
+    """Launch-bound device: the many small kernels of 2×2 regions cost more time than their
+    accuracy is worth, so the conv takes a one-region form. MAC-bound device: regions cost
+    nothing extra, and their lower error (each half needs half the rank) wins."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 48, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
+    x = _two_halves()
+    bound = compress(model, "hsc", calib=x, budget=Budget(1.6, metric="latency"), cost_model=FakeDevice(),
+                     channel_side=side, progress=False)
+    forms = _forms(bound)
+    assert forms and all(f.startswith("1 region") for f in forms.values()), forms
+    assert bound.report.budget_met
+    free = compress(model, "hsc", calib=x, budget=Budget(1.6, metric="latency"), cost_model=FreeLaunches(),
+                    channel_side=side, progress=False)
+    assert _forms(free)["0"].startswith("4 regions"), _forms(free)
+    assert free.report.budget_met
+    # The report keeps every form's measured curve and names the chosen one.
+    for name, form in forms.items():
+        entry = bound.report.latency["layers"][name]
+        assert entry["form"] == form and len(entry["forms"]) >= 2
+        assert entry["curve_macs_ms"] == entry["forms"][form]
+    with torch.no_grad():
+        assert bound.model(x).shape == free.model(x).shape == model(x).shape
+
+
+def test_hsc_alternatives_off_keeps_the_partitioners_form_and_mac_budgets_never_time() -> None:
+    model, x = _model(), torch.randn(8, 3, 24, 24)
+    fixed = compress(model, "hsc", calib=x, budget=Budget(1.3, metric="latency"), cost_model=FakeDevice(),
+                     alternatives=False, progress=False)
+    assert all(f.startswith("4 regions") for n, f in _forms(fixed).items() if n in ("2", "4"))
+    assert all("forms" not in e for e in fixed.report.latency["layers"].values())
+    macs = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False)
+    assert all(f.startswith("4 regions") for n, f in _forms(macs).items() if n in ("2", "4"))
+
+
+def test_choose_forms_follows_the_budget() -> None:
+    """Two forms of one layer: A is cheap but plateaus at a high error, B costs a fixed overhead
+    but reaches a lower error. A tight budget must take A, a loose one B."""
+    from hsc_plugin.calibration import LayerInfo
+    from hsc_plugin.forms import choose_forms, frontier
+    from hsc_plugin.plan import LayerPlan, RankBlock
+
+    class Toy(LayerPlan):
+        def __init__(self, energies: list[float], overhead: float, per_rank: float) -> None:
+            info = LayerInfo("toy", nn.Conv2d(4, 4, 3), (4, 8, 8), (4, 6, 6))
+            super().__init__(info, [RankBlock(energies, min_rank=1)], {"macs": 100.0}, total_energy=10.0)
+            self.overhead, self.per_rank = overhead, per_rank
+
+        def factorised_cost(self, ranks: list[int], metric: str) -> float:
+            return self.overhead + self.per_rank * ranks[0]
+
+        def build(self, ranks: list[int]) -> nn.Module:
+            raise NotImplementedError
+
+    a = Toy([5.0, 1.0, 1.0, 1.0], overhead=0.0, per_rank=10.0)   # error 0.5 at cost 10
+    b = Toy([9.0, 0.5, 0.25, 0.25], overhead=25.0, per_rank=10.0)  # error 0.1 at cost 35
+    pts = frontier(b, "macs")
+    assert [c for c, _ in pts] == sorted(c for c, _ in pts) and pts[-1] == (100.0, 0.0)
+    assert choose_forms([[a, b]], "macs", 20.0) == [0]
+    assert choose_forms([[a, b]], "macs", 40.0) == [1]
+    assert choose_forms([[a, b]], "macs", None) == [0]
+    assert choose_forms([[a]], "macs", 40.0) == [0]

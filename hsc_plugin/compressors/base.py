@@ -34,6 +34,7 @@ from hsc_plugin.calibration import (
 )
 from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import count_params, measure_costs
+from hsc_plugin.forms import choose_forms
 from hsc_plugin.plan import LayerPlan, RankProblem
 from hsc_plugin.registry import create
 from hsc_plugin.report import CompressionResult, LayerReport, Report
@@ -48,6 +49,11 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _points(plan: LayerPlan) -> list[list[float]]:
+    """The (MACs, ms) samples of a plan's measured latency curve, for the report."""
+    return getattr(plan.measured_costs.get("latency"), "points", lambda: [])()
 
 
 def _example_from_model(model: nn.Module) -> torch.Tensor | None:
@@ -137,6 +143,9 @@ class Compressor(ABC):
         if max_stats_gb is not None and not max_stats_gb > 0:
             raise ValueError(f"max_stats_gb must be > 0 (or None for no limit), got {max_stats_gb!r}")
         self.max_stats_gb = max_stats_gb
+        # The metric of the budget being compressed to, set by compress(): a compressor may gather
+        # the statistics of alternative forms only when they will be timed (a latency budget).
+        self._budget_metric = "macs"
 
     # -- what subclasses implement ---------------------------------------------------------------
     def needs_calibration(self) -> bool:
@@ -158,8 +167,12 @@ class Compressor(ABC):
         return sum(t.numel() * t.element_size() for a in self.statistics(info) for t in a.tensors())
 
     @abstractmethod
-    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
-        """How to factorise the layer, or a string saying why it is left as it is."""
+    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | list[LayerPlan] | str:
+        """How to factorise the layer, or a string saying why it is left as it is.
+
+        A list offers alternative forms, preferred first (e.g. HSC's regions, one region, SVD):
+        under a latency budget the form is chosen per layer by measured time
+        (:func:`hsc_plugin.forms.choose_forms`); otherwise the first is used."""
 
     # -- shared machinery --------------------------------------------------------------------------
     @classmethod
@@ -233,6 +246,7 @@ class Compressor(ABC):
         example = example.to(device=param.device, dtype=param.dtype)
         selector = self.rank_selector(budget)
         metric = budget.metric if budget is not None else "macs"
+        self._budget_metric = metric
         counted = "macs" if metric == "latency" else metric  # what a plan can count without timing
 
         work = copy.deepcopy(model)
@@ -257,7 +271,7 @@ class Compressor(ABC):
             else:
                 live.append(n)
 
-        plans: list[LayerPlan] = []
+        candidates: list[list[LayerPlan]] = []  # per layer: its forms, preferred first
         n_samples = 0
         groups = self._statistics_groups(live, infos)
         bar = tqdm(total=len(live), desc=f"{self.name}: decompose", unit="layer", leave=False,
@@ -283,27 +297,36 @@ class Compressor(ABC):
                 if isinstance(result, str):
                     reports[n] = self._layer_report(n, info.module, "dense", result, int(dense["macs"]))
                     continue
-                result.dense_cost = dense
-                result.dense_fallback = self.dense_fallback
-                for b in result.blocks:
-                    b.step = max(b.step, self.rank_multiple)
-                    if b.min_rank > 0:  # a droppable block (HSC's rank 0: bias only) stays droppable
-                        b.min_rank = min(max(b.min_rank, self.rank_multiple), b.max_rank)
-                if self.dense_fallback and result.factorised_cost(result.min_ranks(), counted) >= dense[counted]:
+                forms = result if isinstance(result, list) else [result]
+                if metric != "latency":
+                    forms = forms[:1]  # counted costs never favour another form (see hsc_plugin.forms)
+                for plan in forms:
+                    plan.dense_cost = dict(dense)
+                    plan.dense_fallback = self.dense_fallback
+                    for b in plan.blocks:
+                        b.step = max(b.step, self.rank_multiple)
+                        if b.min_rank > 0:  # a droppable block (HSC's rank 0: bias only) stays droppable
+                            b.min_rank = min(max(b.min_rank, self.rank_multiple), b.max_rank)
+                saving = [p for p in forms if not self.dense_fallback
+                          or p.factorised_cost(p.min_ranks(), counted) < dense[counted]]
+                if not saving:
+                    cheapest = min(p.factorised_cost(p.min_ranks(), counted) for p in forms)
                     reports[n] = self._layer_report(
                         n, info.module, "dense",
                         f"factorising cannot save {counted}: the smallest rank costs "
-                        f"{result.factorised_cost(result.min_ranks(), counted):,.0f} >= dense {dense[counted]:,.0f}",
+                        f"{cheapest:,.0f} >= dense {dense[counted]:,.0f}",
                         int(dense["macs"]))
                     continue
-                plans.append(result)
+                candidates.append(saving)
             del stats
         bar.close()
         target_names = [n for n in names if n in infos]
         latency: dict[str, Any] | None = None
         cost_model = self._cost_model() if metric == "latency" else None
         if cost_model is not None:
-            plans, latency = self._time_plans(cost_model, plans, work, infos, target_names, example, reports, before)
+            candidates, latency = self._time_plans(cost_model, candidates, work, infos, target_names, example,
+                                                   reports, before)
+        plans = [forms[0] for forms in candidates]
         if not plans:
             raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
                              f"{ {n: r.reason for n, r in reports.items()} }")
@@ -327,6 +350,8 @@ class Compressor(ABC):
                 plan_dense = sum(p.dense_cost[metric] for p in plans)
                 fixed = base_ref - plan_dense
                 target = budget.target_cost(base_ref) - fixed
+                live_forms = [forms for forms in candidates if forms[0].name not in slower]
+                plans = [forms[i] for forms, i in zip(live_forms, choose_forms(live_forms, metric, target))]
                 floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
                 if target < floor:
                     best = base_ref / (fixed + floor)
@@ -366,6 +391,8 @@ class Compressor(ABC):
             rep.predicted_error = p.predicted_error(r)
             rep.error = errors.get(p.name, 0.0 if dense else None)
             rep.details = p.describe(r)
+            if p.form and not dense:
+                rep.details["form"] = p.form
             if not dense:
                 rep.module = type(new_modules[p.name]).__name__
                 rep.macs_after = int(after.module_macs.get(p.name, 0))
@@ -392,6 +419,10 @@ class Compressor(ABC):
                 )
         if latency is not None and cost_model is not None:
             latency["after_ms"] = cost_model.time(work, tuple(example.shape[1:]))
+            for p in plans:
+                entry = latency["layers"].get(p.name)
+                if entry is not None and "forms" in entry:
+                    entry["form"], entry["curve_macs_ms"] = p.form, _points(p)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         report = Report(
             method=self.name,
@@ -435,33 +466,40 @@ class Compressor(ABC):
     def _cost_model(self) -> LatencyCostModel:
         return self.cost_model if self.cost_model is not None else LatencyCostModel(self.latency_batch)
 
-    def _time_plans(self, cm: LatencyCostModel, plans: list[LayerPlan], work: nn.Module,
+    def _time_plans(self, cm: LatencyCostModel, candidates: list[list[LayerPlan]], work: nn.Module,
                     infos: dict[str, LayerInfo], target_names: list[str], example: torch.Tensor,
-                    reports: dict[str, LayerReport], before: Any) -> tuple[list[LayerPlan], dict[str, Any]]:
-        """Time the model, every target layer and every plan at a few ranks (the latency metric);
-        keep dense the layers whose cheapest factorisation is not faster here."""
+                    reports: dict[str, LayerReport], before: Any) -> tuple[list[list[LayerPlan]], dict[str, Any]]:
+        """Time the model, every target layer and every form of every plan at a few ranks (the
+        latency metric); drop the forms whose cheapest factorisation is not faster here, and keep
+        dense the layers left with none."""
         shape = tuple(example.shape[1:])
         dense_ms: dict[str, float] = {}
-        kept: list[LayerPlan] = []
-        by_name = {p.name: p for p in plans}
+        kept: list[list[LayerPlan]] = []
+        by_name = {forms[0].name: forms for forms in candidates}
         bar = tqdm(target_names, desc=f"{self.name}: timing", unit="layer", leave=False,
                    disable=not progress_enabled(self.progress))
         with torch.no_grad():
             for n in bar:
                 dense_ms[n] = cm.time(infos[n].module, infos[n].in_shape)
-                p = by_name.get(n)
-                if p is None:
+                forms = by_name.get(n)
+                if forms is None:
                     continue
-                p.dense_cost["latency"] = dense_ms[n]
-                p.measured_costs["latency"] = cm.curve(p)
-                fastest = p.metric_cost(p.min_ranks(), "latency")
-                if self.dense_fallback and fastest >= dense_ms[n]:
+                fast: list[LayerPlan] = []
+                fastest = math.inf
+                for p in forms:
+                    p.dense_cost["latency"] = dense_ms[n]
+                    p.measured_costs["latency"] = cm.curve(p)
+                    ms = p.metric_cost(p.min_ranks(), "latency")
+                    fastest = min(fastest, ms)
+                    if not (self.dense_fallback and ms >= dense_ms[n]):
+                        fast.append(p)
+                if not fast:
                     reports[n] = self._layer_report(
                         n, infos[n].module, "dense",
                         f"factorising does not pay in measured time: the smallest rank takes {fastest:.4f} ms "
                         f">= dense {dense_ms[n]:.4f} ms (batch {cm.batch})", before.module_macs.get(n, 0))
                     continue
-                kept.append(p)
+                kept.append(fast)
             model_ms = cm.time(work, shape)  # after the layers: their kernels are warm by now
         # Additive model: time = what the target layers take alone + the rest (pooling, norms,
         # launches). Layers timed alone can sum to more than the model (caches are colder), so
@@ -471,8 +509,11 @@ class Compressor(ABC):
         latency = {"batch": cm.batch, "device": str(example.device), "before_ms": model_ms,
                    "predicted_before_ms": rest_ms + targets_ms, "targets_before_ms": targets_ms,
                    "cost_model": cm.config(),
-                   "layers": {p.name: {"dense_ms": dense_ms[p.name], "curve_macs_ms": getattr(
-                       p.measured_costs["latency"], "points", lambda: [])()} for p in kept}}
+                   "layers": {forms[0].name: {"dense_ms": dense_ms[forms[0].name], "curve_macs_ms": _points(forms[0])}
+                              for forms in kept}}
+        for forms in kept:
+            if len(forms) > 1:  # every form's curve; compress() records which one was chosen
+                latency["layers"][forms[0].name]["forms"] = {p.form or str(i): _points(p) for i, p in enumerate(forms)}
         if not kept:
             raise BudgetError("No targeted layer is faster factorised than dense on this device "
                               f"(batch {cm.batch}); a latency budget cannot be met by factorising")

@@ -324,7 +324,11 @@ class HSC(Compressor):
     ``channel_side`` (``"input"`` or ``"output"``), ``cells`` (the statistics grid; default: what
     the partitioner needs — its own cells for ``grid``/``none``, 8×8 for adaptive ones such as
     ``quadtree``; statistics memory is cells × C² float64 per layer, all layers at once) and
-    ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions).
+    ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions) and
+    ``alternatives``: under a latency budget, also offer each layer as one region (same kind of
+    clusters) and as plain data-aware SVD, and let measured time choose per layer
+    (:mod:`hsc_plugin.forms`) — regions buy accuracy but cost launches, so a layer is split only
+    where that pays at the budget. MAC and parameter budgets always use the partitioner's form.
     Grouped convs and Linear layers are compressed as one region, one cluster (data-aware SVD).
     """
 
@@ -341,9 +345,11 @@ class HSC(Compressor):
         balanced: bool = False,
         cells: tuple[int, int] | int | None = None,
         min_region: int = 4,
+        alternatives: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        self.alternatives = bool(alternatives)
         if balanced and channel_side != "input":
             raise ValueError("balanced=True applies to channel_side='input' (equal input clusters run as one grouped conv)")
         self.balanced = bool(balanced)
@@ -381,6 +387,9 @@ class HSC(Compressor):
     def _spatial(info: LayerInfo) -> bool:
         return isinstance(info.module, nn.Conv2d) and info.module.groups == 1
 
+    def _offers_alternatives(self, info: LayerInfo) -> bool:
+        return self.alternatives and self._budget_metric == "latency" and self._spatial(info)
+
     def _grid(self, info: LayerInfo) -> tuple[int, int]:
         h, w = info.out_hw
         cells = self.cells if self.cells is not None else self._partitioner.statistics_grid(FINE_CELLS)
@@ -393,8 +402,9 @@ class HSC(Compressor):
         grid = self._grid(info)
         if self.channel_side == "output":
             return CellStats.nbytes(m.out_channels, grid)
+        svd = 8 * (m.out_channels**2 + 1) if self._offers_alternatives(info) else 0
         return (CellStats.nbytes(m.out_channels, grid, self._partitioner.uses_moments)
-                + CellStats.nbytes(m.in_channels, grid))
+                + CellStats.nbytes(m.in_channels, grid) + svd)
 
     def statistics(self, info: LayerInfo) -> list[Accumulator]:
         m = info.module
@@ -405,9 +415,13 @@ class HSC(Compressor):
         if self.channel_side == "output":
             return [CellStats(m.out_channels, grid, info.out_hw, "output", dev)]
         # Input side: output moments only for partitioners that read them (the input clusters'
-        # own output statistics come in the second pass).
-        return [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=self._partitioner.uses_moments),
-                CellStats(m.in_channels, grid, info.out_hw, "input", dev)]
+        # own output statistics come in the second pass); the whole map's for the SVD form.
+        accs: list[Accumulator] = [
+            CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=self._partitioner.uses_moments),
+            CellStats(m.in_channels, grid, info.out_hw, "input", dev)]
+        if self._offers_alternatives(info):
+            accs.append(OutputMoment(m.out_channels, dev))
+        return accs
 
     def _cluster(self, S: torch.Tensor) -> list[list[int]]:
         A = coactivation(S)
@@ -423,7 +437,11 @@ class HSC(Compressor):
         tiling = self._partitioner.partition(stats[0])
         inputs: CellStats = stats[1]  # type: ignore[assignment]
         clusters = [self._cluster(inputs.region(*reg)) for reg in tiling.regions]
-        return [ClusterContributions(info.module, tiling, clusters)]
+        out = [ClusterContributions(info.module, tiling, clusters)]
+        if self._offers_alternatives(info) and tiling.n_regions > 1:
+            whole = inputs.S.sum(dim=(0, 1))
+            out.append(ClusterContributions(info.module, Tiling.full(tiling.grid), [self._cluster(whole)]))
+        return out
 
     def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
         if not self._spatial(info):
@@ -431,14 +449,41 @@ class HSC(Compressor):
             plan.note = "grouped conv / Linear: one region, one cluster (data-aware SVD)"
             return plan
         cells: CellStats = stats[0]  # type: ignore[assignment]
+        alternatives = self._offers_alternatives(info)
         if self.channel_side == "input":
-            contrib: ClusterContributions = stats[-1]  # type: ignore[assignment]
-            return HSCPlan(info, contrib.tiling, "input", contrib.clusters, contrib.moments(), tied=self.balanced)
-        tiling = self._partitioner.partition(cells)
+            forms: list[LayerPlan] = [
+                _labelled(HSCPlan(info, c.tiling, "input", c.clusters, c.moments(), tied=self.balanced))
+                for c in stats if isinstance(c, ClusterContributions)]
+            whole = next((a.S for a in stats if isinstance(a, OutputMoment)), None)
+        else:
+            tiling = self._partitioner.partition(cells)
+            forms = [self._output_plan(info, tiling, cells)]
+            whole = cells.S.sum(dim=(0, 1))
+            if alternatives and tiling.n_regions > 1:
+                forms.append(self._output_plan(info, Tiling.full(tiling.grid), cells))
+        if not alternatives:
+            return forms[0]
+        last = forms[-1]
+        if whole is not None and not (last.tiling.n_regions == 1 and all(len(c) == 1 for c in last.clusters)):
+            svd = SVDPlan(info, whole)
+            svd.form = "1 region, 1 cluster (data-aware SVD)"
+            forms.append(svd)
+        return forms
+
+    def _output_plan(self, info: LayerInfo, tiling: Tiling, cells: CellStats) -> HSCPlan:
         clusters, moments = [], []
         for reg in tiling.regions:
             S = cells.region(*reg)
             cl = self._cluster(S)
             clusters.append(cl)
             moments.append([Moment(matrix=S[idx][:, idx]) for idx in cl])
-        return HSCPlan(info, tiling, "output", clusters, moments)
+        return _labelled(HSCPlan(info, tiling, "output", clusters, moments))
+
+
+def _labelled(plan: HSCPlan) -> HSCPlan:
+    """Name the plan's form for the report: regions and clusters per region."""
+    n = plan.tiling.n_regions
+    sizes = sorted({len(c) for c in plan.clusters})
+    clusters = "-".join(str(k) for k in sizes)
+    plan.form = f"{n} region{'s' if n > 1 else ''}, {clusters} {plan.side} cluster{'s' if sizes != [1] else ''}"
+    return plan

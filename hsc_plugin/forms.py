@@ -1,0 +1,114 @@
+"""Choosing, per layer, among alternative factorised forms by what they cost on the device.
+
+A compressor may offer several forms of one layer — HSC offers the partitioner's regions, one
+region with the same kind of channel clusters, and plain data-aware SVD. Counted in MACs the
+region form never loses (each region gets its own basis at the same cost per pixel), but in
+measured time it can lose badly: more, smaller kernels. So under a latency budget each form's
+trade-off between error and time is traced by the greedy steps the budget selector takes, the
+forms of a layer are merged into one lower convex envelope, and the layers' envelopes are
+water-filled to the budget: every layer gets the form on which the allocation lands. The rank
+selector then runs as usual on the chosen forms.
+
+Errors are the plans' own normalised proxies (discarded / total energy of their spectra), so the
+forms of a layer are compared on the same scale the selector uses across layers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from hsc_plugin.plan import LayerPlan
+
+__all__ = ["frontier", "choose_forms"]
+
+
+def frontier(plan: LayerPlan, metric: str) -> list[tuple[float, float]]:
+    """(cost, normalised error) after each greedy step of ``plan`` from its minimum ranks to dense.
+
+    A step adds one rank unit to the block with the largest error removed per unit of cost (or
+    jumps to the dense layer where that is cheaper), exactly as :func:`greedy_fill` would.
+    """
+    ranks = plan.min_ranks()
+    cost = plan.cost(ranks, metric)
+    points = [(cost, _error(plan, ranks))]
+    while not plan.is_dense(ranks):
+        best: tuple[float, list[int]] | None = None
+        for j in range(len(plan.blocks)):
+            new = plan.next_ranks(ranks, j, metric)
+            if new is None:
+                continue
+            dc = plan.cost(new, metric) - cost
+            score = plan.gain(ranks, new) / dc if dc > 0 else math.inf
+            if best is None or score > best[0]:
+                best = (score, new)
+        if best is None:
+            break
+        ranks = best[1]
+        cost = plan.cost(ranks, metric)
+        points.append((cost, _error(plan, ranks)))
+    return points
+
+
+def _error(plan: LayerPlan, ranks: list[int]) -> float:
+    if plan.is_dense(ranks) or plan.total_energy <= 0:
+        return 0.0
+    return max(0.0, 1.0 - plan.retained(ranks) / plan.total_energy)
+
+
+def _lower_hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The lower-left convex envelope of (cost, error, form) points: error falls as cost rises,
+    with ever smaller returns."""
+    pts = sorted(points, key=lambda p: (p[0], p[1]))
+    pareto: list[tuple[float, float, int]] = []
+    for p in pts:
+        if not pareto or p[1] < pareto[-1][1]:
+            pareto.append(p)
+    hull: list[tuple[float, float, int]] = []
+    for p in pareto:
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies on or above the chord from hull[-2] to p
+            if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float | None) -> list[int]:
+    """For each layer, the index of the form to use so that the layers together fit ``target``.
+
+    Each layer starts at the cheapest point of its envelope; the moves with the most error
+    removed per unit of cost are taken while the total fits. Layers with one form get index 0;
+    without a target the first (preferred) form is kept everywhere.
+    """
+    if target is None or all(len(a) == 1 for a in alternatives):
+        return [0] * len(alternatives)
+    hulls = []
+    for forms in alternatives:
+        pts = [(c, e, f) for f, plan in enumerate(forms) for c, e in frontier(plan, metric)]
+        hulls.append(_lower_hull(pts))
+    at = [0] * len(hulls)
+    total = sum(h[0][0] for h in hulls)
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        h, k = hulls[i], at[i]
+        if k + 1 < len(h):
+            dc, de = h[k + 1][0] - h[k][0], h[k][1] - h[k + 1][1]
+            heapq.heappush(heap, (-(de / dc if dc > 0 else math.inf), i))
+
+    for i in range(len(hulls)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        h, k = hulls[i], at[i]
+        step = h[k + 1][0] - h[k][0]
+        if total + step > target:
+            continue  # the rest of this layer's envelope costs more per step: it stays here
+        total += step
+        at[i] = k + 1
+        push(i)
+    return [h[k][2] for h, k in zip(hulls, at)]
