@@ -61,6 +61,8 @@ def test_reproduce_latency_pass_adds_latency_to_saved_results(tmp_path, monkeypa
     assert [r["stage"] for r in data["rows"]] == ["-", "compress-only", "fine-tuned"]
     for r in data["rows"]:
         assert r["latency_b1_ms"] > 0 and r["latency_b32_ms"] > 0
+        assert r["latency_cl_b1_ms"] > 0 and r["latency_cl_b32_ms"] > 0  # channels_last too
     assert data["rows"][1]["latency_b1_ms"] == data["rows"][2]["latency_b1_ms"]  # same structure, timed once
     md = (out / "RESULTS.md").read_text()
     assert "--measure-latency" in md and "not measured" not in md
+    assert "channels_last (NHWC)" in md and md.count(" / ") > 6

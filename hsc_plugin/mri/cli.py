@@ -62,8 +62,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def measure_saved_latency(args: argparse.Namespace) -> int:
     """Second pass of ``hsc reproduce``: latency needs an idle machine, accuracy does not. Load the
-    models kept by ``--save-models``, time them (2 threads, batch 1 and 32, median of 20 runs
-    after warm-up) beside the uncompressed model, and rewrite the results with the latency."""
+    models kept by ``--save-models``, time them (2 threads, batch 1 and 32, NCHW and channels_last,
+    median of ``--latency-runs`` after warm-up) beside the uncompressed model, and rewrite the results with the latency."""
     import json
 
     from hsc_plugin import load
@@ -85,7 +85,8 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     def timing(key: str, model: torch.nn.Module) -> dict[str, float]:
         if key not in timed:
             timed[key] = t = latency_columns(model, shape, args.latency_runs)
-            print(f"{key:<60} b1 {t['latency_b1_ms']:7.3f} ms  b32 {t['latency_b32_ms']:7.2f} ms", flush=True)
+            print(f"{key:<60} b1 {t['latency_b1_ms']:7.3f} ms  b32 {t['latency_b32_ms']:7.2f} ms  "
+                  f"NHWC b1 {t['latency_cl_b1_ms']:7.3f} ms  b32 {t['latency_cl_b32_ms']:7.2f} ms", flush=True)
         return timed[key]
 
     for row in rows:

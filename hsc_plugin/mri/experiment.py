@@ -101,8 +101,15 @@ def model_slug(label: str, ratio: float) -> str:
 
 
 def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int) -> dict[str, float]:
-    """The table's latency columns: CPU ms (2 threads, median of ``runs``) at batch 1 and 32."""
-    return {f"latency_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs)["median_ms"] for b in (1, 32)}
+    """The table's latency columns: CPU ms (2 threads, median of ``runs``) at batch 1 and 32, in
+    the default NCHW layout and in channels_last (model and input), the layout a CPU deployment
+    should use: PyTorch's NCHW max-pool alone took a quarter of the uncompressed model's time at
+    batch 32 here."""
+    out = {f"latency_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs)["median_ms"] for b in (1, 32)}
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    out.update({f"latency_cl_b{b}_ms": measure_latency(nhwc, input_shape, batch=b, runs=runs,
+                                                       channels_last=True)["median_ms"] for b in (1, 32)})
+    return out
 
 
 def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int) -> dict[str, Any]:

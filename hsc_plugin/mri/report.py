@@ -38,7 +38,7 @@ def _speedup(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
 
 def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
     if row.get("stage") == "failed":
-        return [row["setting"], f"{row['ratio']:g}x", "failed", row.get("error", "")[:60]] + ["-"] * 8
+        return [row["setting"], f"{row['ratio']:g}x", "failed", row.get("error", "")[:60]] + ["-"] * 9
     lat1 = row.get("latency_b1_ms")
     lat32 = row.get("latency_b32_ms")
     return [
@@ -53,12 +53,13 @@ def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
         "-" if lat1 is None else f"{lat1:.2f}",
         "-" if lat32 is None else f"{lat32:.1f}",
         f"{_speedup(row, base, 'latency_b1_ms')} / {_speedup(row, base, 'latency_b32_ms')}",
+        f"{_speedup(row, base, 'latency_cl_b1_ms')} / {_speedup(row, base, 'latency_cl_b32_ms')}",
         "-" if "compress_s" not in row else f"{row['compress_s']:.1f}",
     ]
 
 
 HEADER = ["setting", "budget", "stage", "accuracy % (± SE)", "macro-F1 % (± SE)", "F1 meningioma %",
-          "MMACs", "M params", "ms b1", "ms b32", "speed-up b1 / b32", "compress s"]
+          "MMACs", "M params", "ms b1", "ms b32", "speed-up b1 / b32", "speed-up channels_last b1 / b32", "compress s"]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -161,6 +162,8 @@ def _best_table(rows: Sequence[dict[str, Any]], ratios: list[float]) -> list[str
             b = max(cands, key=lambda x: x["accuracy"])
             speed = f", {_speedup(b, base, 'latency_b1_ms')} / {_speedup(b, base, 'latency_b32_ms')}" \
                 if "latency_b1_ms" in b else ""
+            if "latency_cl_b1_ms" in b:
+                speed += f"; NHWC {_speedup(b, base, 'latency_cl_b1_ms')} / {_speedup(b, base, 'latency_cl_b32_ms')}"
             cells.append(f"{100 * b['accuracy']:.2f} ± {100 * b['accuracy_se']:.2f} ({b['setting']}{speed})")
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     return out
@@ -177,12 +180,12 @@ def results_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], plot:
     top = max(ratios) if ratios else 1.0
     hsc = _best(rows, "hsc", top)
     every = max((r for r in rows[1:] if r.get("ratio") == top and "accuracy" in r), key=lambda r: r["accuracy"], default=None)
-    def speed(r: dict[str, Any] | None) -> str:
+    def speed(r: dict[str, Any] | None, prefix: str = "latency") -> str:
         if r is None:
             return "-"
-        if "latency_b1_ms" not in base:
+        if f"{prefix}_b1_ms" not in base:
             return "not measured (run the --measure-latency pass)"
-        return f"{_speedup(r, base, 'latency_b1_ms')} / {_speedup(r, base, 'latency_b32_ms')}"
+        return f"{_speedup(r, base, f'{prefix}_b1_ms')} / {_speedup(r, base, f'{prefix}_b32_ms')}"
 
     def acc(r: dict[str, Any] | None) -> str:
         return "-" if r is None else f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_se']:.2f}% ({r['setting']}, {r['stage']})"
@@ -191,6 +194,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], plot:
         f"| accuracy before | 87.76% | {100 * base['accuracy']:.2f} ± {100 * base['accuracy_se']:.2f}% | |",
         f"| accuracy after | 89.80% | {acc(hsc)} | {acc(every)} |",
         f"| measured CPU speed-up, batch 1 / 32 | 1.38× | {speed(hsc)} | {speed(every)} |",
+        f"| same, channels_last (NHWC) model and input | | {speed(hsc, 'latency_cl')} | {speed(every, 'latency_cl')} |",
         "",
         "The paper's AlexNet-based model costs 8.21 GFLOPs; ours is a width-0.5 AlexNet at 128 px "
         f"({2 * base['macs'] / 1e9:.3f} GFLOPs) trained from scratch on the de-duplicated brain-mri-128 "
