@@ -6,16 +6,23 @@ checkpoint without fine-tuning and report test accuracy, the MAC ratio that resu
 latency the cost model predicted and the latency measured afterwards on the whole model
 (2 threads, median of 20 runs), and the share of the MAC ratio realised as speed.
 
+HSC's rows: by default (``alternatives=True``) each layer's form — the 2×2 regions, one region
+with its input clusters, or plain data-aware SVD — is chosen by measured time at the budget;
+``alternatives=False`` forces the regions (the pre-choice behaviour). The ``forms`` column counts
+the forms the factorised convs took.
+
 Run it on an idle machine:
 
-    python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.25 1.5 2] [--batches 1 32]
+    python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.25 1.5 2] [--batches 1 32] [--channels-last]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
+from collections import Counter
 
 import torch
 
@@ -28,9 +35,27 @@ from hsc_plugin.mri.report import machine_description
 METHODS = {
     "global_svd (data-aware)": ("global_svd", {"data_aware": True}),
     "tucker2 (data-aware)": ("tucker2", {"data_aware": True}),
-    "hsc 1 region, 4 input clusters": ("hsc", {"partition": "none"}),
-    "hsc defaults (2x2 regions, 4 input clusters)": ("hsc", {}),
+    "hsc 1 region, 4 input clusters (alternatives=False)": ("hsc", {"partition": "none", "alternatives": False}),
+    "hsc defaults (forms chosen by time)": ("hsc", {}),
+    "hsc, 2x2 regions forced (alternatives=False)": ("hsc", {"alternatives": False}),
 }
+
+
+def _forms(report) -> str:
+    """How many factorised convs took each form (HSC), e.g. '3 SVD, 1 one-region'."""
+    short = {"SVD": "SVD", "regions": "regions", "region,": "one-region"}  # first match wins
+    counts: Counter[str] = Counter()
+    for L in report.layers:
+        form = (L.details or {}).get("form") if L.status == "factorised" else None
+        if form:
+            counts[next(v for k, v in short.items() if k in form)] += 1
+    return ", ".join(f"{n} {k}" for k, n in counts.most_common()) or "-"
+
+
+def _latency(model, shape, batch: int, runs: int, nhwc: bool) -> float:
+    if nhwc:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return measure_latency(model, shape, batch=batch, runs=runs, channels_last=nhwc)["median_ms"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.25, 1.5, 2.0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--channels-last", action="store_true", help="time models and the cost model in NHWC")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -47,34 +73,37 @@ def main(argv: list[str] | None = None) -> int:
     macs0 = measure_costs(model, torch.zeros(1, *shape)).macs
     lines = [f"Command: `python benchmarks/latency_budget_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {machine_description()}\n",
+             f"Layout: {'channels_last (NHWC) model and input' if args.channels_last else 'NCHW'}\n",
              "No fine-tuning. `predicted` is the cost model's estimate used for the allocation; `measured` is the "
              "whole compressed model timed afterwards (2 threads, median). Realised = measured speed-up / MAC ratio.\n",
              "| method | batch | latency budget | accuracy % (± SE) | MAC ratio | ms before | ms predicted | ms measured | "
-             "speed-up measured | realised / MAC ratio | layers kept dense for time | compress s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up measured | realised / MAC ratio | layers kept dense for time | HSC forms | compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch in args.batches:
-        base_ms = measure_latency(model, shape, batch=batch, runs=args.runs)["median_ms"]
+        base_ms = _latency(model, shape, batch, args.runs, args.channels_last)
         for label, (method, opts) in METHODS.items():
             for r in args.ratios:
                 t0 = time.perf_counter()
                 try:
                     res = compress(model, method, calib=calib, budget=Budget(r, metric="latency"), progress=False,
-                                   cost_model=LatencyCostModel(batch, threads=2), **opts)
+                                   cost_model=LatencyCostModel(batch, threads=2, channels_last=args.channels_last),
+                                   **opts)
                 except BudgetError as exc:
-                    lines.append(f"| {label} | {batch} | {r:g}x | - | - | - | - | - | - | - | {str(exc)[:80]} | - |")
+                    lines.append(f"| {label} | {batch} | {r:g}x | - | - | - | - | - | - | - | {str(exc)[:80]} | - | - |")
                     print(lines[-1], flush=True)
                     continue
                 secs = time.perf_counter() - t0
                 ev = evaluate_model(res.model, test, n_boot=1000)
                 macs = measure_costs(res.model, torch.zeros(1, *shape)).macs
-                ms = measure_latency(res.model, shape, batch=batch, runs=args.runs)["median_ms"]
+                ms = _latency(res.model, shape, batch, args.runs, args.channels_last)
                 lat = res.report.latency or {}
                 kept = sum(1 for L in res.report.layers if "measured time" in L.reason)
                 mac_ratio = macs0 / macs
                 lines.append(
                     f"| {label} | {batch} | {r:g}x | {100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
                     f"{mac_ratio:.2f}x | {base_ms:.3f} | {lat.get('predicted_after_ms', float('nan')):.3f} | {ms:.3f} | "
-                    f"{base_ms / ms:.2f}x | {base_ms / ms / mac_ratio:.0%} | {kept} | {secs:.1f} |")
+                    f"{base_ms / ms:.2f}x | {base_ms / ms / mac_ratio:.0%} | {kept} | "
+                    f"{_forms(res.report) if method == 'hsc' else '-'} | {secs:.1f} |")
                 print(lines[-1], flush=True)
     emit(lines, args.out)
     return 0

@@ -10,6 +10,7 @@ and keeps dense any layer whose smallest factorisation is not faster.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +30,9 @@ class LatencyCostModel:
 
     ``batch`` is the batch size the model is optimised for (latency at batch 1 and throughput at
     batch 64 favour different layers); ``fractions`` are the rank levels (fractions of each
-    block's full rank) sampled per layer.
+    block's full rank) sampled per layer; ``channels_last`` times modules and inputs in the NHWC
+    layout a CPU deployment should use (kernels rank differently in it: PyTorch's NCHW max-pool
+    is ~10× slower than its NHWC one on this project's CPU).
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class LatencyCostModel:
         warmup: int = 3,
         threads: int | None = None,
         fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75),
+        channels_last: bool = False,
     ) -> None:
         if batch < 1 or runs < 1:
             raise ValueError(f"batch and runs must be >= 1, got batch={batch}, runs={runs}")
@@ -48,16 +52,21 @@ class LatencyCostModel:
         self.warmup = int(warmup)
         self.threads = threads
         self.fractions = tuple(sorted(set(float(f) for f in fractions)))
+        self.channels_last = bool(channels_last)
 
     def config(self) -> dict[str, object]:
-        return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions)}
+        return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions),
+                "channels_last": self.channels_last}
 
     def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
         from hsc_plugin.latency import measure_latency
 
+        nhwc = self.channels_last and len(input_shape) == 3
+        if nhwc:  # a copy: the module may be a layer of the model being compressed
+            module = copy.deepcopy(module).to(memory_format=torch.channels_last)
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
-                               threads=self.threads)["median_ms"]
+                               threads=self.threads, channels_last=nhwc)["median_ms"]
 
     def curve(self, plan: "LayerPlan") -> Callable[[list[int]], float]:
         """Milliseconds of the plan's factorised layer as a function of its ranks."""

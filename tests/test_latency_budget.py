@@ -222,3 +222,18 @@ def test_choose_forms_follows_the_budget() -> None:
     assert choose_forms([[a, b]], "macs", 40.0) == [1]
     assert choose_forms([[a, b]], "macs", None) == [0]
     assert choose_forms([[a]], "macs", 40.0) == [0]
+
+
+def test_channels_last_cost_model_times_a_copy_in_nhwc() -> None:
+    """Timing in channels_last must not convert the caller's module (a layer of the user's model)."""
+    seen: list[bool] = []
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    cm = LatencyCostModel(batch=2, runs=1, warmup=0, channels_last=True)
+    hook = conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    ms = cm.time(conv, (8, 6, 6))
+    hook.remove()
+    assert ms > 0 and seen and all(seen)  # inputs were NHWC (the hook travels with the copy)
+    assert conv.weight.is_contiguous()  # the caller's layer is still NCHW
+    assert cm.config()["channels_last"] is True
+    with pytest.raises(ValueError):
+        LatencyCostModel(batch=0)

@@ -357,7 +357,9 @@ class Compressor(ABC):
                     best = base_ref / (fixed + floor)
                     raise BudgetError(
                         f"Cannot reach {budget.describe()} ({budget.scope}): "
-                        f"{plan_dense / base_ref:.0%} of the {metric} are in factorisable layers"
+                        f"{plan_dense / base_ref:.0%} of the {metric} are in "
+                        + ("layers whose factorised form is faster on this device" if metric == "latency"
+                           else "factorisable layers")
                         + (f" (after keeping {len(slower)} slower layers dense)" if slower else "")
                         + f", so the most this method can reach at minimum rank is {best:.2f}x"
                     )
