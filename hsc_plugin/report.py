@@ -100,6 +100,9 @@ class Report:
                 f"{self.latency['before_ms']:.3f} ms -> {self.latency['after_ms']:.3f} ms measured"
                 + (f" ({pred:.3f} ms predicted)" if pred is not None else "")
             )
+            chosen = [f"{n}: {e['form']}" for n, e in self.latency.get("layers", {}).items() if e.get("form")]
+            if chosen:
+                lines.append("forms chosen by measured time: " + "; ".join(chosen))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -181,6 +181,7 @@ def test_hsc_splits_into_regions_only_where_measured_time_pays(side: str) -> Non
         entry = bound.report.latency["layers"][name]
         assert entry["form"] == form and len(entry["forms"]) >= 2
         assert entry["curve_macs_ms"] == entry["forms"][form]
+        assert f"{name}: {form}" in bound.report.table()
     with torch.no_grad():
         assert bound.model(x).shape == free.model(x).shape == model(x).shape
 
