@@ -8,7 +8,14 @@ the dense layer and the alternatives issue #3 asks to try:
   of 8 (``rank_multiple=8``);
 * HSC with one region and balanced input clusters (one grouped k×k conv + one 1×1);
 * HSC with 2×2 regions run as a loop of crops (output-side clusters and input-side clusters);
+* the same 2×2 regions batched: crops stacked on the channel axis through one grouped k×k conv and
+  one grouped 1×1 (ranks padded with zero filters to the largest region's; the MAC column counts
+  what runs);
+* output-side clusters (one region, 4 clusters) with a 1×1 per cluster, and with one dense 1×1
+  whose off-cluster weights are zero (one kernel, more MACs);
 * each of the above in channels_last memory format.
+
+Derived executions are checked against the module they re-execute (same outputs, 1e-4).
 
 Run it on an idle machine (every other process slows small kernels unevenly):
 
@@ -22,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
@@ -38,6 +46,82 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "hsc 1 region, 4 balanced input clusters": ("hsc", {"partition": "none", "n_clusters": 4, "balanced": True}),
     "hsc 2x2 regions, 1 cluster (loop)": ("hsc", {"grid": (2, 2), "clusterer": "single", "channel_side": "output"}),
     "hsc 2x2 regions, 4 input clusters (loop)": ("hsc", {"grid": (2, 2), "n_clusters": 4}),
+    "hsc 1 region, 4 output clusters (1x1 per cluster)": ("hsc", {"partition": "none", "n_clusters": 4,
+                                                                   "channel_side": "output"}),
+}
+
+
+class TiledRegions(nn.Module):
+    """A uniform-grid, one-cluster, output-side ``SpatioChannelConv2d`` run as one grouped k×k conv
+    over crops stacked on the channel axis, one grouped 1×1, and one reshape back to the map."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        blocks = list(m.blocks)
+        if m.side != "output" or any(len(b.clusters) != 1 or b.total_rank == 0 for b in blocks):
+            raise ValueError("needs one non-dropped output cluster per region")
+        gh, gw = m.tiling.grid
+        self.rows, self.cols = len({r[0] for r in m.regions}), len({r[2] for r in m.regions})
+        if self.rows * self.cols != len(blocks) or (gh, gw) != (self.rows, self.cols):
+            raise ValueError("needs a uniform grid of one cell per region")
+        n, kmax = len(blocks), max(b.total_rank for b in blocks)
+        red0, exp0 = blocks[0].reduces[0], blocks[0].expands[0]
+        cin, cout = red0.in_channels, exp0.out_channels
+        self.reduce = nn.Conv2d(n * cin, n * kmax, red0.kernel_size, stride=red0.stride, dilation=red0.dilation,
+                                groups=n, bias=False)
+        self.expand = nn.Conv2d(n * kmax, n * cout, 1, groups=n, bias=exp0.bias is not None)
+        with torch.no_grad():
+            self.reduce.weight.zero_()
+            self.expand.weight.zero_()
+            for i, b in enumerate(blocks):
+                k = b.total_rank
+                self.reduce.weight[i * kmax:i * kmax + k] = b.reduces[0].weight
+                self.expand.weight[i * cout:(i + 1) * cout, :k] = b.expands[0].weight
+                if self.expand.bias is not None:
+                    self.expand.bias[i * cout:(i + 1) * cout] = b.expands[0].bias
+        self.pad, self.mode, self.stride, self.halo, self.cout = m.pad, m.padding_mode, m.stride, m.halo, cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lrtb = [self.pad[2], self.pad[3], self.pad[0], self.pad[1]]
+        xp = F.pad(x, lrtb) if self.mode == "zeros" else F.pad(x, lrtb, mode=self.mode)
+        H = (xp.shape[2] - self.halo[0]) // self.stride[0] + 1
+        W = (xp.shape[3] - self.halo[1]) // self.stride[1] + 1
+        h, w = H // self.rows, W // self.cols
+        crops = [xp[:, :, i * h * self.stride[0]:(i * h + h - 1) * self.stride[0] + self.halo[0],
+                    j * w * self.stride[1]:(j * w + w - 1) * self.stride[1] + self.halo[1]]
+                 for i in range(self.rows) for j in range(self.cols)]
+        y = self.expand(self.reduce(torch.cat(crops, 1)))
+        B = y.shape[0]
+        return y.view(B, self.rows, self.cols, self.cout, h, w).permute(0, 3, 1, 4, 2, 5).reshape(B, self.cout, H, W)
+
+
+def dense_expand(m: nn.Module) -> nn.Module:
+    """A one-region output-side ``SpatioChannelConv2d`` with its per-cluster 1×1s merged into one
+    dense 1×1 (zeros off the clusters): reduce → one 1×1, no slicing, concatenation or re-indexing."""
+    if len(m.blocks) != 1 or m.side != "output" or m.blocks[0].total_rank == 0:
+        raise ValueError("needs one region, output side")
+    b = m.blocks[0]
+    red = b.reduces[0]
+    E = torch.zeros(b.out_channels, red.out_channels)
+    bias = torch.zeros(b.out_channels)
+    kept = [i for i, r in enumerate(b.ranks) if r > 0]
+    with torch.no_grad():
+        for (lo, hi), i, e in zip(b.slices, kept, b.expands):
+            E[b.clusters[i], lo:hi] = e.weight[:, :, 0, 0]
+            if e.bias is not None:
+                bias[b.clusters[i]] = e.bias
+        if b.n_dropped:
+            bias[b.dropped] = b.dropped_bias
+        expand = nn.Conv2d(red.out_channels, b.out_channels, 1)
+        expand.weight.copy_(E[:, :, None, None])
+        expand.bias.copy_(bias)
+    return nn.Sequential(red, expand)
+
+
+DERIVED = {  # label: (variant it re-executes, builder)
+    "hsc 2x2 regions, 1 cluster (tiled grouped conv)": ("hsc 2x2 regions, 1 cluster (loop)", TiledRegions),
+    "hsc 1 region, 4 output clusters (dense 1x1)": ("hsc 1 region, 4 output clusters (1x1 per cluster)",
+                                                    dense_expand),
 }
 
 
@@ -91,6 +175,19 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((name, tuple(shape), label, results[label][1]))
                 continue
             results[label] = (res.model, measure_costs(res.model, inp[:1]).macs)
+        for label, (source, build) in DERIVED.items():
+            if results.get(source, (None,))[0] is None:
+                continue
+            try:
+                mod = nn.Sequential(build(results[source][0][0])).eval()
+            except ValueError as exc:
+                print(f"{name:<12} {label:<42} not run: {exc}", flush=True)
+                failed.append((name, tuple(shape), label, str(exc)))
+                continue
+            with torch.no_grad():
+                ref, out = results[source][0](inp[:4]), mod(inp[:4])
+            assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4), f"{label} differs from {source} on {name}"
+            results[label] = (mod, measure_costs(mod, inp[:1]).macs)
         for batch in (1, 32):
             for cl in (False, True):
                 base = _time(conv, shape, batch, args.runs, cl)
