@@ -32,7 +32,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "tucker2": ("tucker2", {}),
     "hsc": ("hsc", {}),
     "hsc output-side": ("hsc", {"channel_side": "output"}),
-    # the adaptive partitioner needs the 8×8 fine grid: ~20 GB of statistics on resnet50, gathered
+    # the quadtree needs 2^max_depth = 4 cells a side: ~6 GB of statistics on resnet50, gathered
     # in groups of layers under max_stats_gb (default 4 GiB), one calibration pass per group
     "hsc quadtree": ("hsc", {"partition": "quadtree"}),
 }

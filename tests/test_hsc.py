@@ -212,8 +212,8 @@ def test_save_load_round_trip(tmp_path, side: str) -> None:
 
 @pytest.mark.parametrize("side", ["input", "output"])
 def test_fixed_grid_needs_only_its_own_cells(side: str) -> None:
-    """A 2×2 grid gathers statistics on 2×2 cells (16× less memory than the 8×8 fine grid the
-    quadtree needs) and gives the same compressed layers as the fine grid."""
+    """A 2×2 grid gathers statistics on 2×2 cells and a depth-2 quadtree on 4×4 (16× and 4× less
+    memory than an 8×8 grid), and each gives the same compressed layers as the 8×8 grid."""
     from hsc_plugin.compressors.hsc import HSC
     from hsc_plugin.calibration import trace_layers
 
@@ -223,13 +223,22 @@ def test_fixed_grid_needs_only_its_own_cells(side: str) -> None:
     info = trace_layers(model, ["body.8"], x[:1])["body.8"]
     assert HSC(grid=(2, 2))._grid(info) == (2, 2)
     assert HSC(partition="none")._grid(info) == (1, 1)
-    assert HSC(partition="quadtree")._grid(info) == (8, 8)
-    coarse = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side, progress=False)
-    fine = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side, cells=8,
-                    progress=False)
-    assert [L.ranks for L in coarse.report.layers] == [L.ranks for L in fine.report.layers]
-    with torch.no_grad():
-        torch.testing.assert_close(coarse.model(x), fine.model(x), rtol=1e-4, atol=1e-5)
+    assert HSC(partition="quadtree")._grid(info) == (4, 4)  # halving twice needs no finer cells
+    from hsc_plugin.strategies.partition import QuadtreePartitioner
+
+    assert HSC(partition=QuadtreePartitioner(max_depth=3))._grid(info) == (8, 8)
+    for opts in ({"grid": (2, 2)}, {"partition": "quadtree", "min_gain": 0.0}):
+        opts = dict(opts)
+        if "min_gain" in opts:  # split wherever allowed, so the tiling is not trivial
+            opts["partition"] = QuadtreePartitioner(min_gain=opts.pop("min_gain"))
+        coarse = compress(model, "hsc", calib=x, budget=Budget(3.0), channel_side=side, progress=False, **opts)
+        fine = compress(model, "hsc", calib=x, budget=Budget(3.0), channel_side=side, cells=8, progress=False,
+                        **opts)
+        assert [L.ranks for L in coarse.report.layers] == [L.ranks for L in fine.report.layers]
+        tilings = [L.details.get("tiling", {}).get("regions") for L in coarse.report.layers]
+        assert any(t and len(t) > 1 for t in tilings)
+        with torch.no_grad():
+            torch.testing.assert_close(coarse.model(x), fine.model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_blocks_can_be_dropped_under_a_tight_budget() -> None:

@@ -238,3 +238,19 @@ def test_channels_last_cost_model_times_a_copy_in_nhwc() -> None:
     assert cm.config()["channels_last"] is True
     with pytest.raises(ValueError):
         LatencyCostModel(batch=0)
+
+
+def test_a_budget_met_only_at_minimum_ranks_warns_and_says_so() -> None:
+    """Asking for nearly all a device can give leaves layers at rank 1: the budget is met, but the
+    user is told which layers were floored instead of finding out from the accuracy."""
+    model, x = _model(), torch.randn(8, 3, 24, 24)
+    with pytest.warns(UserWarning, match="minimum rank"):
+        res = compress(model, "global_svd", calib=x, budget=Budget(30.0, scope="targets", tolerance=0.9),
+                       data_aware=True, progress=False)
+    floored = [L for L in res.report.layers if "minimum rank" in L.reason]
+    assert floored and all(L.status == "factorised" and set(L.ranks.values()) == {1} for L in floored)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a comfortable budget does not warn
+        compress(model, "global_svd", calib=x, budget=Budget(1.5), data_aware=True, progress=False)

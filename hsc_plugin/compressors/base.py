@@ -13,6 +13,7 @@ import copy
 import inspect
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -376,6 +377,13 @@ class Compressor(ABC):
             slower.update(newly)
         for n, reason in slower.items():
             reports[n] = self._layer_report(n, infos[n].module, "dense", reason, before.module_macs.get(n, 0))
+        # A budget met only by taking layers to their floor is met at the cost of their accuracy.
+        floored = {p.name for p, r in zip(plans, all_ranks)
+                   if budget is not None and not p.is_dense(r) and r == p.min_ranks()}
+        if floored:
+            warnings.warn(f"{self.name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
+                          f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
+                          stacklevel=3)
         errors = self._measure_errors(work, new_modules, calib) if (calib is not None and self.measure_error) else {}
         for n, m in new_modules.items():
             set_submodule(work, n, m)
@@ -386,7 +394,8 @@ class Compressor(ABC):
             dense = p.is_dense(r)
             rep = self._layer_report(
                 p.name, p.info.module, "dense" if dense else "factorised",
-                "factorising at the selected rank would not save cost" if dense else "",
+                "factorising at the selected rank would not save cost" if dense
+                else "at its minimum rank: the budget left no room" if p.name in floored else "",
                 int(p.dense_cost["macs"]))
             if not dense:
                 rep.ranks = {b.label or str(i): int(k) for i, (b, k) in enumerate(zip(p.blocks, r))}

@@ -322,8 +322,9 @@ class HSC(Compressor):
     :class:`SpatialPartitioner`; ``grid`` sets the grid partitioner's ``(rows, cols)``),
     ``clusterer`` (name or :class:`ChannelClusterer`) with ``n_clusters`` (``None`` = automatic),
     ``channel_side`` (``"input"`` or ``"output"``), ``cells`` (the statistics grid; default: what
-    the partitioner needs — its own cells for ``grid``/``none``, 8×8 for adaptive ones such as
-    ``quadtree``; statistics memory is cells × C² float64 per layer, all layers at once) and
+    the partitioner needs — its own cells for ``grid``/``none``, 2^max_depth a side (4×4) for
+    ``quadtree``, the 8×8 fine grid for other adaptive ones; statistics memory is cells × C²
+    float64 per layer, layers in groups under ``max_stats_gb``) and
     ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions) and
     ``alternatives``: under a latency budget, also offer each layer as one region (same kind of
     clusters) and as plain data-aware SVD, and let measured time choose per layer
