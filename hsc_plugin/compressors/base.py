@@ -377,9 +377,10 @@ class Compressor(ABC):
             slower.update(newly)
         for n, reason in slower.items():
             reports[n] = self._layer_report(n, infos[n].module, "dense", reason, before.module_macs.get(n, 0))
-        # A budget met only by taking layers to their floor is met at the cost of their accuracy.
-        floored = {p.name for p, r in zip(plans, all_ranks)
-                   if budget is not None and not p.is_dense(r) and r == p.min_ranks()}
+        # A budget met only by taking layers to their floor, where their spectra say that loses
+        # most of the output (relative error > 0.5), is met at the cost of the model's accuracy.
+        floored = {p.name for p, r in zip(plans, all_ranks) if budget is not None and not p.is_dense(r)
+                   and r == p.min_ranks() and p.predicted_error(r) > 0.5}
         if floored:
             warnings.warn(f"{self.name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
                           f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
@@ -395,7 +396,8 @@ class Compressor(ABC):
             rep = self._layer_report(
                 p.name, p.info.module, "dense" if dense else "factorised",
                 "factorising at the selected rank would not save cost" if dense
-                else "at its minimum rank: the budget left no room" if p.name in floored else "",
+                else "at its minimum rank, predicted error > 0.5: the budget left no room" if p.name in floored
+                else "",
                 int(p.dense_cost["macs"]))
             if not dense:
                 rep.ranks = {b.label or str(i): int(k) for i, (b, k) in enumerate(zip(p.blocks, r))}
