@@ -105,6 +105,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         metric, text = given[0]
         budget = Budget.parse(text, metric=metric, scope=args.scope)  # type: ignore[arg-type]
     options = dict(_parse_option(o) for o in args.option)
+    if args.channels_last:
+        if budget is None or budget.metric != "latency":
+            raise SystemExit("hsc: --channels-last applies to a --latency budget (it sets the layout it is timed in)")
+        from hsc_plugin import LatencyCostModel
+
+        options["cost_model"] = LatencyCostModel(int(options.get("latency_batch", 1)), channels_last=True)
     result = compress(model, args.method, calib=calib, budget=budget,
                       example_input=torch.randn(1, *shape), **options)
     print(result.report.table())
@@ -142,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--params", help="parameter budget, e.g. 4x")
     c.add_argument("--latency", help="latency budget measured on this machine: 2x (faster) or 4.5ms; "
                                      "-o latency_batch=N sets the batch it is measured at")
+    c.add_argument("--channels-last", action="store_true",
+                   help="time the --latency budget in channels_last (NHWC), the layout a CPU deployment should use")
     c.add_argument("--scope", default="model", choices=["model", "targets"])
     c.add_argument("--calib", help="folder of calibration images, or 'random' (clearly labelled)")
     c.add_argument("--num-calib", type=int, default=64, help="calibration images to use")

@@ -145,6 +145,13 @@ def test_latency_budget_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert lat["predicted_after_ms"] <= 1000.0
     assert set(lat["layers"]) <= {L["name"] for L in report["layers"]}
     assert "latency at batch 1" in capsys.readouterr().out
+    rep2 = tmp_path / "r2.json"
+    assert main(["compress", FACTORY, "--method", "global_svd", "--latency", "1000ms", "--input-size", "3,32,32",
+                 "--channels-last", "-o", "latency_batch=2", "--report", str(rep2)]) == 0
+    cm = json.loads(rep2.read_text())["latency"]["cost_model"]
+    assert cm["channels_last"] is True and cm["batch"] == 2
+    with pytest.raises(SystemExit, match="applies to a --latency budget"):
+        main(["compress", FACTORY, "--macs", "2x", "--channels-last", "--input-size", "3,32,32"])
 
 
 def test_unknown_method_exits_2_with_a_suggestion() -> None:
