@@ -23,31 +23,60 @@ from hsc_plugin.plan import LayerPlan
 __all__ = ["frontier", "choose_forms"]
 
 
-def frontier(plan: LayerPlan, metric: str) -> list[tuple[float, float]]:
-    """(cost, normalised error) after each greedy step of ``plan`` from its minimum ranks to dense.
+def frontier(plan: LayerPlan, metric: str, points: int = 32) -> list[tuple[float, float]]:
+    """(cost, normalised error) along a greedy path of ``plan`` from its minimum ranks to dense.
 
-    A step adds one rank unit to the block with the largest error removed per unit of cost (or
-    jumps to the dense layer where that is cheaper), exactly as :func:`greedy_fill` would.
+    Each move adds about ``1/points`` of a block's full rank to the block with the most error
+    removed per unit of cost (or jumps to the dense layer where that is cheaper), as
+    :func:`greedy_fill` does one unit at a time; scores are re-evaluated lazily (a popped move is
+    re-scored and taken only if it still beats the next best), so a layer of many blocks costs
+    about ``points × blocks`` evaluations instead of ``(rank units) × blocks``.
     """
     ranks = plan.min_ranks()
     cost = plan.cost(ranks, metric)
-    points = [(cost, _error(plan, ranks))]
-    while not plan.is_dense(ranks):
-        best: tuple[float, list[int]] | None = None
-        for j in range(len(plan.blocks)):
-            new = plan.next_ranks(ranks, j, metric)
-            if new is None:
-                continue
-            dc = plan.cost(new, metric) - cost
-            score = plan.gain(ranks, new) / dc if dc > 0 else math.inf
-            if best is None or score > best[0]:
-                best = (score, new)
-        if best is None:
-            break
-        ranks = best[1]
+    path = [(cost, _error(plan, ranks))]
+    units = [max(b.step, math.ceil(b.max_rank / max(1, points))) for b in plan.blocks]
+
+    def scored(j: int) -> tuple[float, list[int]] | None:
+        new = _step(plan, ranks, j, units[j], metric)
+        if new is None:
+            return None
+        dc = plan.cost(new, metric) - cost
+        return (plan.gain(ranks, new) / dc if dc > 0 else math.inf), new
+
+    heap: list[tuple[float, int]] = []
+    for j in range(len(plan.blocks)):
+        s = scored(j)
+        if s is not None:
+            heap.append((-s[0], j))
+    heapq.heapify(heap)
+    while heap and not plan.is_dense(ranks):
+        _, j = heapq.heappop(heap)
+        s = scored(j)  # the layer moved since this score was taken
+        if s is None:
+            continue
+        if heap and -heap[0][0] > s[0]:
+            heapq.heappush(heap, (-s[0], j))  # no longer the best: back in line
+            continue
+        ranks = s[1]
         cost = plan.cost(ranks, metric)
-        points.append((cost, _error(plan, ranks)))
-    return points
+        path.append((cost, _error(plan, ranks)))
+        nxt = scored(j)
+        if nxt is not None:
+            heapq.heappush(heap, (-nxt[0], j))
+    return path
+
+
+def _step(plan: LayerPlan, ranks: list[int], j: int, units: int, metric: str) -> list[int] | None:
+    """Ranks after ``units`` more components of block ``j``; the dense layer where that is cheaper."""
+    block = plan.blocks[j]
+    if ranks[j] >= block.max_rank:
+        return None
+    new = list(ranks)
+    new[j] = block.round(ranks[j] + units)
+    if plan.dense_fallback and not plan.is_dense(new) and plan.metric_cost(new, metric) >= plan.dense_cost[metric]:
+        return plan.full_ranks()
+    return new
 
 
 def _error(plan: LayerPlan, ranks: list[int]) -> float:
