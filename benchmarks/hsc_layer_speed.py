@@ -138,8 +138,7 @@ def _layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Conv2d, tor
 
 
 def _time(module: nn.Module, shape: tuple[int, ...], batch: int, runs: int, channels_last: bool) -> float:
-    m = module.to(memory_format=torch.channels_last) if channels_last else module
-    return measure_latency(m, shape, batch=batch, runs=runs, warmup=5, threads=2, channels_last=channels_last)["median_ms"]
+    return measure_latency(module, shape, batch=batch, runs=runs, warmup=5, threads=2, channels_last=channels_last)["median_ms"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ Run it on an idle machine:
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections import Counter
@@ -52,11 +51,6 @@ def _forms(report) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.most_common()) or "-"
 
 
-def _latency(model, shape, batch: int, runs: int, nhwc: bool) -> float:
-    if nhwc:
-        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return measure_latency(model, shape, batch=batch, runs=runs, channels_last=nhwc)["median_ms"]
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
              "speed-up measured | realised / MAC ratio | layers kept dense for time | HSC forms | compress s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch in args.batches:
-        base_ms = _latency(model, shape, batch, args.runs, args.channels_last)
+        base_ms = measure_latency(model, shape, batch=batch, runs=args.runs, channels_last=args.channels_last)["median_ms"]
         for label, (method, opts) in METHODS.items():
             for r in args.ratios:
                 t0 = time.perf_counter()
@@ -95,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 secs = time.perf_counter() - t0
                 ev = evaluate_model(res.model, test, n_boot=1000)
                 macs = measure_costs(res.model, torch.zeros(1, *shape)).macs
-                ms = _latency(res.model, shape, batch, args.runs, args.channels_last)
+                ms = measure_latency(res.model, shape, batch=batch, runs=args.runs,
+                                     channels_last=args.channels_last)["median_ms"]
                 lat = res.report.latency or {}
                 kept = sum(1 for L in res.report.layers if "measured time" in L.reason)
                 mac_ratio = macs0 / macs

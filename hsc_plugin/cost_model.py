@@ -10,7 +10,6 @@ and keeps dense any layer whose smallest factorisation is not faster.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import TYPE_CHECKING, Callable
 
@@ -62,11 +61,8 @@ class LatencyCostModel:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
         from hsc_plugin.latency import measure_latency
 
-        nhwc = self.channels_last and len(input_shape) == 3
-        if nhwc:  # a copy: the module may be a layer of the model being compressed
-            module = copy.deepcopy(module).to(memory_format=torch.channels_last)
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
-                               threads=self.threads, channels_last=nhwc)["median_ms"]
+                               threads=self.threads, channels_last=self.channels_last)["median_ms"]
 
     def curve(self, plan: "LayerPlan") -> Callable[[list[int]], float]:
         """Milliseconds of the plan's factorised layer as a function of its ranks."""

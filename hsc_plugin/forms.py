@@ -34,11 +34,11 @@ def frontier(plan: LayerPlan, metric: str, points: int = 32) -> list[tuple[float
     """
     ranks = plan.min_ranks()
     cost = plan.cost(ranks, metric)
-    path = [(cost, _error(plan, ranks))]
+    path = [(cost, plan.discarded(ranks))]
     units = [max(b.step, math.ceil(b.max_rank / max(1, points))) for b in plan.blocks]
 
     def scored(j: int) -> tuple[float, list[int]] | None:
-        new = _step(plan, ranks, j, units[j], metric)
+        new = plan.next_ranks(ranks, j, metric, units[j])
         if new is None:
             return None
         dc = plan.cost(new, metric) - cost
@@ -60,29 +60,11 @@ def frontier(plan: LayerPlan, metric: str, points: int = 32) -> list[tuple[float
             continue
         ranks = s[1]
         cost = plan.cost(ranks, metric)
-        path.append((cost, _error(plan, ranks)))
+        path.append((cost, plan.discarded(ranks)))
         nxt = scored(j)
         if nxt is not None:
             heapq.heappush(heap, (-nxt[0], j))
     return path
-
-
-def _step(plan: LayerPlan, ranks: list[int], j: int, units: int, metric: str) -> list[int] | None:
-    """Ranks after ``units`` more components of block ``j``; the dense layer where that is cheaper."""
-    block = plan.blocks[j]
-    if ranks[j] >= block.max_rank:
-        return None
-    new = list(ranks)
-    new[j] = block.round(ranks[j] + units)
-    if plan.dense_fallback and not plan.is_dense(new) and plan.metric_cost(new, metric) >= plan.dense_cost[metric]:
-        return plan.full_ranks()
-    return new
-
-
-def _error(plan: LayerPlan, ranks: list[int]) -> float:
-    if plan.is_dense(ranks) or plan.total_energy <= 0:
-        return 0.0
-    return max(0.0, 1.0 - plan.retained(ranks) / plan.total_energy)
 
 
 def _lower_hull(points: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ def measure_latency(
 
     ``input_shape`` is per sample (C, H, W). Runs ``warmup`` untimed passes first; on CUDA each
     run is synchronised. The model is put in eval mode for the measurement and restored after.
+    ``channels_last`` (4-D inputs) times an NHWC copy of the model on an NHWC input — the layout a
+    CPU deployment should use; the caller's model is left as it is.
     """
     # A module may have no parameters (an HSC block at rank 0 outputs its bias buffer).
     ref = next(model.parameters(), None)
@@ -52,6 +55,7 @@ def measure_latency(
     x = torch.randn(batch, *input_shape, device=dev, dtype=ref.dtype)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     times: list[float] = []

@@ -103,13 +103,14 @@ class LayerPlan(ABC):
     def full_ranks(self) -> list[int]:
         return [b.max_rank for b in self.blocks]
 
-    def next_ranks(self, ranks: list[int], index: int, metric: str) -> list[int] | None:
-        """Ranks after one more step of block ``index``; jumps to dense where that is cheaper."""
+    def next_ranks(self, ranks: list[int], index: int, metric: str, units: int | None = None) -> list[int] | None:
+        """Ranks after one more step of block ``index`` (``units`` components; default its step);
+        jumps to dense where that is cheaper."""
         block = self.blocks[index]
         if ranks[index] >= block.max_rank:
             return None
         new = list(ranks)
-        new[index] = block.round(ranks[index] + block.step)
+        new[index] = block.round(ranks[index] + (block.step if units is None else units))
         if self.dense_fallback and not self.is_dense(new):
             if self.metric_cost(new, metric) >= self.dense_cost[metric]:
                 return self.full_ranks()
@@ -131,11 +132,15 @@ class LayerPlan(ABC):
             return 0.0
         return (self.retained(new) - self.retained(old)) / self.total_energy
 
-    def predicted_error(self, ranks: list[int]) -> float:
-        """Relative error the spectra predict: sqrt(discarded / total energy)."""
+    def discarded(self, ranks: list[int]) -> float:
+        """Share of the energy these ranks discard (0 for the dense layer)."""
         if self.is_dense(ranks) or self.total_energy <= 0:
             return 0.0
-        return max(0.0, 1.0 - self.retained(ranks) / self.total_energy) ** 0.5
+        return max(0.0, 1.0 - self.retained(ranks) / self.total_energy)
+
+    def predicted_error(self, ranks: list[int]) -> float:
+        """Relative error the spectra predict: sqrt(discarded / total energy)."""
+        return self.discarded(ranks) ** 0.5
 
     def describe(self, ranks: list[int]) -> dict[str, Any]:
         """Extra per-layer report fields (tiling, clusters …); JSON-safe."""

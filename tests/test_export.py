@@ -99,11 +99,12 @@ def test_torchscript(models, method: str) -> None:
         assert (scripted(y) - m(y)).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_torch_compile_without_graph_breaks(models, method: str) -> None:
+def test_torch_compile_without_graph_breaks(models, method: str, backend: str) -> None:
     m = models[method]
     torch._dynamo.reset()
-    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    compiled = torch.compile(m, backend=backend, fullgraph=True)
     with torch.no_grad():
         assert (compiled(X) - m(X)).abs().max().item() <= ATOL
 
@@ -148,13 +149,3 @@ def test_onnx_torchscript_exporter_mri_alexnet(tmp_path: Path, method: str) -> N
             _onnx_matches(model, x, tmp_path / "m.onnx", dynamo=False)
     else:
         assert _onnx_matches(model, x, tmp_path / "m.onnx", dynamo=False) <= ATOL
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
-def test_torch_compile_inductor(models, method: str) -> None:
-    m = models[method]
-    torch._dynamo.reset()
-    compiled = torch.compile(m, backend="inductor", fullgraph=True)
-    with torch.no_grad():
-        assert (compiled(X) - m(X)).abs().max().item() <= ATOL

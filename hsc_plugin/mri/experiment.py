@@ -106,8 +106,7 @@ def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int) -
     should use: PyTorch's NCHW max-pool alone took a quarter of the uncompressed model's time at
     batch 32 here."""
     out = {f"latency_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs)["median_ms"] for b in (1, 32)}
-    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    out.update({f"latency_cl_b{b}_ms": measure_latency(nhwc, input_shape, batch=b, runs=runs,
+    out.update({f"latency_cl_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs,
                                                        channels_last=True)["median_ms"] for b in (1, 32)})
     return out
 
