@@ -1,0 +1,117 @@
+"""Are two checkouts the same compressor? Compress fixed models with every method and compare.
+
+Run once on a checkout to record (``--save DIR``), then on another to compare (``--compare DIR``):
+every compressed ``state_dict`` must agree within ``--atol`` (default 1e-6) and every report must
+be equal (its JSON, ignoring wall-clock fields). This is how a behaviour-preserving refactor is
+checked: record on the commit before it, compare on the commit after it.
+
+    python benchmarks/refactor_equivalence.py --save /tmp/eq_before      # on the old commit
+    python benchmarks/refactor_equivalence.py --compare /tmp/eq_before   # on the new one
+
+Models: timm ``resnet18`` (64 px, seeded weights, 32 seeded MRI-like calibration images from the
+bundled sample) and the committed MRI AlexNet checkpoint on 64 of its seeded calibration images;
+methods: HSC defaults, Global SVD (data-free and data-aware), Tucker-2 (data-free and data-aware),
+all at 3× fewer MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("hsc", "hsc", {}),
+    ("global_svd", "global_svd", {}),
+    ("global_svd_da", "global_svd", {"data_aware": True}),
+    ("tucker2", "tucker2", {}),
+    ("tucker2_da", "tucker2", {"data_aware": True}),
+]
+_VOLATILE = {"seconds", "elapsed", "time_s", "wall_s", "duration"}
+
+
+def _models() -> dict[str, tuple[torch.nn.Module, torch.Tensor]]:
+    import timm
+
+    from hsc_plugin.mri import alexnet_mri, load_split, paper_recipe
+    from hsc_plugin.mri.data import bundled_sample_path
+
+    ckpt = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
+    recipe = paper_recipe()
+    train = load_split(bundled_sample_path(), "train", recipe.input_size)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(train), generator=g)[:64]
+    x_mri = torch.stack([train[int(i)][0] for i in idx])
+    alex = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
+    alex.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+
+    torch.manual_seed(0)
+    r18 = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    x64 = torch.nn.functional.interpolate(x_mri[:32], size=64, mode="bilinear", align_corners=False)
+    return {"mri_alexnet": (alex.eval(), x_mri), "resnet18": (r18, x64.repeat(1, 3, 1, 1))}
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
+    from hsc_plugin import compress
+
+    out = {}
+    for mname, (model, x) in _models().items():
+        for cname, method, opts in CASES:
+            res = compress(model, method, calib=x, budget="3x", progress=False, seed=0, **opts)
+            sd = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
+            rep = _clean(json.loads(json.dumps(res.report.to_dict(), default=str)))
+            out[f"{mname}/{cname}"] = (sd, rep)
+            print(f"{mname}/{cname}: {res.report.macs_ratio:.3f}x", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--save", type=Path)
+    g.add_argument("--compare", type=Path)
+    p.add_argument("--atol", type=float, default=1e-6)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    results = run()
+    if a.save:
+        a.save.mkdir(parents=True, exist_ok=True)
+        for key, (sd, rep) in results.items():
+            stem = key.replace("/", "__")
+            torch.save(sd, a.save / f"{stem}.pt")
+            (a.save / f"{stem}.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
+        print(f"saved {len(results)} cases to {a.save}")
+        return 0
+    bad = 0
+    for key, (sd, rep) in results.items():
+        stem = key.replace("/", "__")
+        ref_sd = torch.load(a.compare / f"{stem}.pt", weights_only=True)
+        ref_rep = json.loads((a.compare / f"{stem}.json").read_text())
+        if set(sd) != set(ref_sd):
+            print(f"{key}: state_dict keys differ: {sorted(set(sd) ^ set(ref_sd))[:6]}")
+            bad += 1
+            continue
+        diff = max(((sd[k].double() - ref_sd[k].double()).abs().max().item() if sd[k].numel() else 0.0)
+                   for k in sd)
+        same_rep = json.loads(json.dumps(rep, sort_keys=True)) == ref_rep
+        ok = diff <= a.atol and same_rep
+        bad += not ok
+        print(f"{key}: max |diff| {diff:.2e}, report {'equal' if same_rep else 'DIFFERS'} -> {'ok' if ok else 'FAIL'}")
+    print(f"{len(results) - bad} equal, {bad} different")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
