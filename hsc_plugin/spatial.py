@@ -1,113 +1,20 @@
-"""Spatial tilings and the HSC layer that executes them (``SpatioChannelConv2d``).
+"""The HSC layer (``SpatioChannelConv2d``): one factorised block per region of a :class:`Tiling`.
 
-A :class:`Tiling` splits a layer's output map into axis-aligned rectangles expressed on a grid of
-cells (relative coordinates), so a compressed model runs at any input size: at run time a cell
-edge ``i`` of a ``g``-cell axis of length ``H`` sits at ``i * H // g`` (integer arithmetic, which
-tracers handle). Tilings are guillotine trees (grids and quadtrees are), so the regions'
-outputs are assembled with ``torch.cat`` alone — no in-place writes, so autograd, TorchScript,
-``torch.export`` and ONNX all work.
+Regions are placed by :mod:`hsc_plugin.tiling`; their outputs are assembled with ``torch.cat``
+alone — no in-place writes, so autograd, TorchScript, ``torch.export`` and ONNX all work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, output_box
+
 __all__ = ["Tiling", "RegionBlock", "SpatioChannelConv2d", "SPATIAL_TYPES", "explicit_padding"]
-
-Tree = Union[int, tuple[str, list[Any]]]
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """Rectangles ``(r0, r1, c0, c1)`` (half-open, in cells of a ``grid``) and how they nest.
-
-    ``tree`` is a leaf index into ``regions`` or ``("h" | "w", [children])``: children stacked
-    along height or width.
-    """
-
-    grid: tuple[int, int]
-    regions: tuple[tuple[int, int, int, int], ...]
-    tree: Any = field(default=0)
-
-    @staticmethod
-    def full(grid: tuple[int, int] = (1, 1)) -> "Tiling":
-        return Tiling(tuple(grid), ((0, grid[0], 0, grid[1]),), 0)
-
-    @staticmethod
-    def uniform(grid: tuple[int, int], rows: int, cols: int) -> "Tiling":
-        """``rows × cols`` regions on a cell grid (edges at ``i * cells // rows``)."""
-        gh, gw = grid
-        rows, cols = max(1, min(rows, gh)), max(1, min(cols, gw))
-        re = [i * gh // rows for i in range(rows + 1)]
-        ce = [j * gw // cols for j in range(cols + 1)]
-        regions, bands = [], []
-        for i in range(rows):
-            cells = []
-            for j in range(cols):
-                cells.append(len(regions))
-                regions.append((re[i], re[i + 1], ce[j], ce[j + 1]))
-            bands.append(cells[0] if cols == 1 else ("w", cells))
-        tree: Any = bands[0] if rows == 1 else ("h", bands)
-        return Tiling((gh, gw), tuple(regions), tree)
-
-    @property
-    def n_regions(self) -> int:
-        return len(self.regions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"grid": [int(g) for g in self.grid], "regions": [[int(v) for v in r] for r in self.regions],
-                "tree": _tree_json(self.tree)}
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Tiling":
-        return Tiling(tuple(d["grid"]), tuple(tuple(r) for r in d["regions"]), _tree_from_json(d["tree"]))
-
-    def program(self) -> list[tuple[int, list[int]]]:
-        """The tree as a flat list of concatenations over slots 0..n-1 (the regions' outputs)."""
-        steps: list[tuple[int, list[int]]] = []
-        counter = [self.n_regions]
-
-        def walk(node: Any) -> int:
-            if not isinstance(node, (tuple, list)):
-                return int(node)
-            axis, children = node
-            slots = [walk(c) for c in children]
-            steps.append((2 if axis == "h" else 3, slots))
-            counter[0] += 1
-            return counter[0] - 1
-
-        walk(self.tree)
-        return steps
-
-
-def _tree_json(node: Any) -> Any:
-    if isinstance(node, (tuple, list)):
-        return [str(node[0]), [_tree_json(c) for c in node[1]]]
-    return int(node)
-
-
-def _tree_from_json(node: Any) -> Any:
-    return int(node) if not isinstance(node, list) else (node[0], [_tree_from_json(c) for c in node[1]])
-
-
-def explicit_padding(conv_padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) padding, resolving 'same' / 'valid' as PyTorch does."""
-    if conv_padding == "valid":
-        return (0, 0, 0, 0)
-    if conv_padding == "same":
-        out = []
-        for k, d in zip(kernel, dilation):
-            total = d * (k - 1)
-            out += [total // 2, total - total // 2]
-        return (out[0], out[1], out[2], out[3])
-    ph, pw = conv_padding
-    return (ph, ph, pw, pw)
-
 
 class RegionBlock(nn.Module):
     """One region's factorised conv, with its channel clusters.
@@ -265,7 +172,7 @@ class SpatioChannelConv2d(nn.Module):
         self.pad = list(explicit_padding(geo["padding"] if isinstance(geo["padding"], str) else tuple(geo["padding"]), k, d))
         self.padding_mode = geo["padding_mode"]
         self.stride = list(geo["stride"])
-        self.halo = [d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1]
+        self.halo = halo(k, d)
         if not self.single:
             geo["padding"] = (0, 0)
             geo["padding_mode"] = "zeros"
@@ -286,15 +193,12 @@ class SpatioChannelConv2d(nn.Module):
             xp = F.pad(x, [self.pad[2], self.pad[3], self.pad[0], self.pad[1]], mode=self.padding_mode)
         h_out = (xp.shape[2] - self.halo[0]) // self.stride[0] + 1
         w_out = (xp.shape[3] - self.halo[1]) // self.stride[1] + 1
-        gh, gw = self.grid[0], self.grid[1]
         slots: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            r0, r1, c0, c1 = self.regions[i][0], self.regions[i][1], self.regions[i][2], self.regions[i][3]
-            o0, o1 = r0 * h_out // gh, r1 * h_out // gh
-            q0, q1 = c0 * w_out // gw, c1 * w_out // gw
-            crop = xp[:, :, o0 * self.stride[0]:(o1 - 1) * self.stride[0] + self.halo[0],
-                      q0 * self.stride[1]:(q1 - 1) * self.stride[1] + self.halo[1]]
-            slots.append(block(crop))
+            o0, o1, q0, q1 = output_box(self.regions[i], h_out, w_out, self.grid)
+            a0, a1 = input_window(o0, o1, self.stride[0], self.halo[0])
+            b0, b1 = input_window(q0, q1, self.stride[1], self.halo[1])
+            slots.append(block(xp[:, :, a0:a1, b0:b1]))
         for axis, members in self.program:
             slots.append(torch.cat([slots[m] for m in members], axis))
         return slots[-1]

@@ -1,7 +1,7 @@
 """Built-in spatial partitioners: ``none``, ``grid`` and ``quadtree``.
 
 They read per-cell output second moments (:class:`~hsc_plugin.compressors.hsc.CellStats`) and
-return a :class:`~hsc_plugin.spatial.Tiling` of cell-aligned rectangles.
+return a :class:`~hsc_plugin.tiling.Tiling` of cell-aligned rectangles.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from hsc_plugin.registry import hookimpl
-from hsc_plugin.spatial import Tiling
+from hsc_plugin.tiling import Tiling, edge
 from hsc_plugin.strategy import SpatialPartitioner
 
 __all__ = ["NoPartition", "GridPartitioner", "QuadtreePartitioner"]
@@ -97,7 +97,7 @@ class QuadtreePartitioner(SpatialPartitioner):
 
         def walk(r0: int, r1: int, c0: int, c1: int, depth: int) -> Any:
             can = (depth < self.max_depth and r1 - r0 >= 2 and c1 - c0 >= 2
-                   and (r1 - r0) * h // gh >= 2 * self.min_region and (c1 - c0) * w // gw >= 2 * self.min_region)
+                   and edge(r1 - r0, h, gh) >= 2 * self.min_region and edge(c1 - c0, w, gw) >= 2 * self.min_region)
             if can:
                 rm, cm = (r0 + r1) // 2, (c0 + c1) // 2
                 kids = [(r0, rm, c0, cm), (r0, rm, cm, c1), (rm, r1, c0, cm), (rm, r1, cm, c1)]

@@ -30,7 +30,8 @@ from hsc_plugin.decomposition import factor_eig_desc, sym_eig_desc
 from hsc_plugin.modules import LowRankConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.registry import create
-from hsc_plugin.spatial import SpatioChannelConv2d, Tiling, explicit_padding
+from hsc_plugin.spatial import SpatioChannelConv2d
+from hsc_plugin.tiling import Tiling, cell_edges, explicit_padding, halo, input_window, output_box
 from hsc_plugin.strategy import ChannelClusterer, SpatialPartitioner
 
 __all__ = ["HSC", "HSCPlan", "CellStats", "coactivation"]
@@ -54,12 +55,8 @@ def balance_clusters(clusters: list[list[int]], A: np.ndarray) -> list[list[int]
         typical = A[np.ix_(cl, cl)].mean(axis=1)
         order += [cl[i] for i in np.argsort(-typical, kind="stable")]
     n, total = len(clusters), len(order)
-    edges = [i * total // n for i in range(n + 1)]
+    edges = cell_edges(total, n)
     return [sorted(order[edges[i]:edges[i + 1]]) for i in range(n)]
-
-
-def _edges(n: int, g: int) -> list[int]:
-    return [i * n // g for i in range(g + 1)]
 
 
 # The statistics grid adaptive partitioners (quadtree) choose regions from.
@@ -90,7 +87,7 @@ class CellStats(Accumulator):
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         t = y if self.side == "output" else x
-        re, ce = _edges(t.shape[2], self.grid[0]), _edges(t.shape[3], self.grid[1])
+        re, ce = cell_edges(t.shape[2], self.grid[0]), cell_edges(t.shape[3], self.grid[1])
         for i in range(self.grid[0]):
             for j in range(self.grid[1]):
                 block = t[:, :, re[i]:re[i + 1], ce[j]:ce[j + 1]]
@@ -132,18 +129,18 @@ class ClusterContributions(Accumulator):
         k, d = module.kernel_size, module.dilation
         pad = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         self.pad = list(explicit_padding(pad, k, d))
-        self.halo = [d[0] * (k[0] - 1) + 1, d[1] * (k[1] - 1) + 1]
+        self.halo = halo(k, d)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         m = self.module
         xp = _pad(x, self.pad, m.padding_mode)
         h, w = y.shape[2], y.shape[3]
-        gh, gw = self.tiling.grid
         W = m.weight
-        for r, (r0, r1, c0, c1) in enumerate(self.tiling.regions):
-            o0, o1, q0, q1 = r0 * h // gh, r1 * h // gh, c0 * w // gw, c1 * w // gw
-            crop = xp[:, :, o0 * m.stride[0]:(o1 - 1) * m.stride[0] + self.halo[0],
-                      q0 * m.stride[1]:(q1 - 1) * m.stride[1] + self.halo[1]]
+        for r, region in enumerate(self.tiling.regions):
+            o0, o1, q0, q1 = output_box(list(region), h, w, list(self.tiling.grid))
+            a0, a1 = input_window(o0, o1, m.stride[0], self.halo[0])
+            b0, b1 = input_window(q0, q1, m.stride[1], self.halo[1])
+            crop = xp[:, :, a0:a1, b0:b1]
             for c, idx in enumerate(self.clusters[r]):
                 ix = torch.tensor(idx, device=x.device)
                 xc = crop.index_select(1, ix)
@@ -188,9 +185,8 @@ class Moment:
 
 
 def _region_pixels(tiling: Tiling, out_hw: tuple[int, int]) -> list[int]:
-    h, w = out_hw
-    gh, gw = tiling.grid
-    return [(r1 * h // gh - r0 * h // gh) * (c1 * w // gw - c0 * w // gw) for r0, r1, c0, c1 in tiling.regions]
+    boxes = [output_box(list(r), out_hw[0], out_hw[1], list(tiling.grid)) for r in tiling.regions]
+    return [(o1 - o0) * (q1 - q0) for o0, o1, q0, q1 in boxes]
 
 
 class HSCPlan(LayerPlan):
