@@ -78,9 +78,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from hsc_plugin.api import compress as _compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.calibration import CalibrationError, _extract
-from hsc_plugin.registry import lookup
+from hsc_plugin.registry import available, lookup
 from hsc_plugin.report import LayerReport, Report
-from hsc_plugin.spatial import RegionBlock, SpatioChannelConv2d
 from hsc_plugin.targets import SUPPORTED_TYPES
 
 __all__ = [
@@ -95,7 +94,6 @@ __all__ = [
 SELECTION_KEYS = ("op_types", "op_names", "op_names_re", "exclude_op_names", "exclude_op_types",
                   "exclude_op_names_re")
 _BUDGET_KEYS = ("macs_ratio", "params_ratio", "budget_scope", "tolerance")
-_METHODS = ("hsc", "global_svd", "tucker2")
 # Keys with a type we can check before the compressor sees them; other options pass through to the
 # compressor's constructor, which validates their values.
 _TYPED: dict[str, Any] = {
@@ -121,7 +119,7 @@ def _schema(method: str) -> Schema:
         _Opt("exclude_op_names"): [str],
         _Opt("exclude_op_types"): [str],
         _Opt("exclude_op_names_re"): [str],
-        _Opt("method"): Or(*_METHODS),
+        _Opt("method"): Or(*available("compressor")),
         _Opt(Or("macs_ratio", "params_ratio", only_one=True)): And(
             _is_ratio, error="macs_ratio / params_ratio must be a number > 1 (3.0 = 3x fewer)"),
         _Opt("budget_scope"): Or("model", "targets"),
@@ -239,8 +237,9 @@ class LowRankCompressor(_NNICompressor):
             if not isinstance(config, dict):
                 raise TypeError(f"config_list[{i}] must be a dict, got {type(config).__name__}")
             method = config.get("method", "hsc")
-            if method not in _METHODS:
-                raise ValueError(f"config_list[{i}]: method must be one of {list(_METHODS)}, got {method!r}")
+            methods = list(available("compressor"))
+            if method not in methods:
+                raise ValueError(f"config_list[{i}]: method must be one of {methods}, got {method!r}")
             allowed = _allowed_keys(method)
             unknown = [k for k in config if k not in allowed]
             pruning = [k for k in unknown if k in _NNI_PRUNING_KEYS]
@@ -494,31 +493,19 @@ _finetune = finetune
 
 
 # -- NNI ModelSpeedup ----------------------------------------------------------------------------
-_SPEEDUP_REASON = {
-    SpatioChannelConv2d: (
-        "an HSC module: it gathers input channels per cluster (index_select) and crops spatial regions "
-        "with bounds computed from the input size, and ModelSpeedup cannot propagate channel masks "
-        "through that (its interpreter fails with 'slice indices must be integers')"
-    ),
-    RegionBlock: "a block of an HSC module (see SpatioChannelConv2d)",
-}
-
-
 def check_speedup_compatible(model: nn.Module) -> None:
     """Raise :class:`SpeedupIncompatibleError` if NNI's ``ModelSpeedup`` cannot handle ``model``."""
     bad: list[tuple[str, type]] = []
     for name, m in model.named_modules():
         if any(name.startswith(b + ".") for b, _ in bad):
             continue
-        for t in _SPEEDUP_REASON:
-            if isinstance(m, t):
-                bad.append((name, t))
-                break
+        if getattr(type(m), "speedup_incompatible", None):  # asked of the module type (hsc_plugin.modules)
+            bad.append((name, type(m)))
     if bad:
         listed = ", ".join(f"{n!r} ({t.__name__})" for n, t in bad[:5]) + (" …" if len(bad) > 5 else "")
         raise SpeedupIncompatibleError(
             f"NNI ModelSpeedup cannot handle {len(bad)} module(s) of this model: {listed}. "
-            f"{bad[0][1].__name__} is {_SPEEDUP_REASON[bad[0][1]]}. Prune with NNI (and speed up) the "
+            f"{bad[0][1].__name__} is {bad[0][1].speedup_incompatible}. Prune with NNI (and speed up) the "
             "dense model before HSC, or compress with method='global_svd' / 'tucker2', whose factors "
             "are plain Conv2d/Linear layers that ModelSpeedup handles."
         )

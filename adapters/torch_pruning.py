@@ -32,18 +32,106 @@ from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.compressors.base import set_submodule
 from hsc_plugin.costs import measure_costs
-from hsc_plugin.modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
+from hsc_plugin.modules import FactorisedModule, RegionBlock, SpatioChannelConv2d
 from hsc_plugin.report import Report
-from hsc_plugin.spatial import SpatioChannelConv2d
 
 __all__ = ["LowRankPruner", "SpatioChannelPruner", "tp_kwargs", "rank_layers", "hsc_forward_fn",
-           "compare_macs", "MacCount"]
+           "compare_macs", "MacCount", "prune_channels"]
 
 
 # -- making a compressed model prunable by tp --------------------------------------------------------
 
+def prune_channels(layer: SpatioChannelConv2d, in_keep: list[int] | None = None,
+                   out_keep: list[int] | None = None) -> None:
+    """Keep only input channels ``in_keep`` and output channels ``out_keep``, in place.
+
+    For structured pruners (torch-pruning), which change the module they were given. Every
+    region's clusters are re-indexed; a cluster left empty is removed with its rank; the other
+    ranks are unchanged. The new blocks are built before any is swapped in, so an error leaves
+    the module as it was.
+    """
+    ins = list(range(layer.in_channels)) if in_keep is None else sorted({int(i) for i in in_keep})
+    outs = list(range(layer.out_channels)) if out_keep is None else sorted({int(i) for i in out_keep})
+    for keep, n, what in ((ins, layer.in_channels, "input"), (outs, layer.out_channels, "output")):
+        if not keep or keep[0] < 0 or keep[-1] >= n:
+            raise ValueError(f"{what} channels to keep must be a non-empty subset of range({n})")
+    blocks = nn.ModuleList(_pruned_block(b, ins, outs) for b in layer.blocks)
+    layer.blocks = blocks
+    layer.in_channels, layer.out_channels = len(ins), len(outs)
+
+
+@torch.no_grad()
+def _pruned_block(b: RegionBlock, ins: list[int], outs: list[int]) -> RegionBlock:
+    """A copy of ``b`` restricted to input channels ``ins`` and output channels ``outs``."""
+    ref = b.const_bias
+    kept = [i for i, r in enumerate(b.ranks) if r > 0]
+    offs = [sum(b.ranks[j] for j in kept[:n]) for n in range(len(kept) + 1)]
+    bias = torch.zeros(b.out_channels, dtype=ref.dtype, device=ref.device)  # the block's bias per channel
+    if b.total_rank == 0:
+        bias.copy_(b.const_bias)
+    elif b.side == "input":
+        if b.expands[0].bias is not None:
+            bias.copy_(b.expands[0].bias)
+    else:
+        for j, i in enumerate(kept):
+            if b.expands[j].bias is not None:
+                bias[b.clusters[i]] = b.expands[j].bias
+        if b.n_dropped:
+            bias[b.dropped] = b.dropped_bias
+    # Per kept cluster: its k×k filters (rank × in × k × k) and its 1×1 columns (out × rank).
+    if b.side == "input":
+        grouped = len(b.reduces) == 1 and len(kept) > 1
+        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] if grouped else b.reduces[n].weight for n in range(len(kept))]
+        exp = [b.expands[0].weight[:, offs[n]:offs[n + 1]] for n in range(len(kept))]
+    else:
+        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] for n in range(len(kept))]
+        exp = [b.expands[n].weight for n in range(len(kept))]
+    side_keep = ins if b.side == "input" else outs
+    pos = {ch: p for p, ch in enumerate(side_keep)}
+    clusters, ranks, members = [], [], {}
+    for i, cl in enumerate(b.clusters):
+        at = [k for k, ch in enumerate(cl) if ch in pos]
+        if at:
+            members[i] = at
+            clusters.append([pos[cl[k]] for k in at])
+            ranks.append(b.ranks[i])
+    geometry = {"kernel_size": b.kernel_size, "stride": b.stride, "padding": b.padding,
+                "dilation": b.dilation, "padding_mode": b.padding_mode}
+    new = RegionBlock(len(ins), len(outs), geometry, b.side, clusters, ranks, b.has_bias,
+                      device=ref.device, dtype=ref.dtype)
+    live = [n for n, i in enumerate(kept) if i in members]
+    o = torch.tensor(outs, device=ref.device)
+    if b.side == "input":
+        filters = [red[n][:, members[kept[n]]] for n in live]
+        if len(new.reduces) == 1 and len(filters) > 1:
+            new.reduces[0].weight.copy_(torch.cat(filters, 0))
+        else:
+            for conv, f in zip(new.reduces, filters):
+                conv.weight.copy_(f)
+        if new.expands:
+            new.expands[0].weight.copy_(torch.cat([exp[n] for n in live], 1).index_select(0, o))
+            if new.expands[0].bias is not None:
+                new.expands[0].bias.copy_(bias.index_select(0, o))
+    else:
+        if new.reduces:
+            new.reduces[0].weight.copy_(torch.cat([red[n] for n in live], 0)[:, ins])
+        for conv, n in zip(new.expands, live):
+            at = members[kept[n]]
+            conv.weight.copy_(exp[n][at])
+            if conv.bias is not None:
+                conv.bias.copy_(bias[[b.clusters[kept[n]][k] for k in at]])
+        if new.n_dropped:
+            new.dropped_bias.copy_(bias[[outs[ch] for ch in new.dropped]])
+    if new.total_rank == 0:
+        new.const_bias.copy_(bias.index_select(0, o))
+    trainable = any(p.requires_grad for p in b.parameters())
+    for p in new.parameters():
+        p.requires_grad_(trainable)
+    return new.train(b.training)
+
+
 class SpatioChannelPruner(tp.pruner.function.BasePruningFunc):
-    """tp pruning function for :class:`~hsc_plugin.spatial.SpatioChannelConv2d`.
+    """tp pruning function for :class:`~hsc_plugin.modules.SpatioChannelConv2d`.
 
     Removes input or output channels consistently in every region block (clusters are index
     lists, so they are re-indexed); ranks are not touched. Input and output pruning are separate
@@ -54,12 +142,12 @@ class SpatioChannelPruner(tp.pruner.function.BasePruningFunc):
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         drop = set(int(i) for i in idxs)
-        layer.prune_channels(out_keep=[i for i in range(layer.out_channels) if i not in drop])
+        prune_channels(layer, out_keep=[i for i in range(layer.out_channels) if i not in drop])
         return layer
 
     def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         drop = set(int(i) for i in idxs)
-        layer.prune_channels(in_keep=[i for i in range(layer.in_channels) if i not in drop])
+        prune_channels(layer, in_keep=[i for i in range(layer.in_channels) if i not in drop])
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
@@ -118,13 +206,7 @@ def rank_layers(model: nn.Module) -> list[nn.Module]:
     The first factor of ``LowRankConv2d``/``LowRankLinear`` and the first two of ``Tucker2Conv2d``
     (both of its ranks). HSC ranks need nothing: the HSC module is pruned as one layer.
     """
-    out: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, (LowRankConv2d, LowRankLinear)):
-            out.append(m.reduce)
-        elif isinstance(m, Tucker2Conv2d):
-            out += [m.first, m.core]
-    return out
+    return [layer for m in model.modules() if isinstance(m, FactorisedModule) for layer in m.rank_layers()]
 
 
 def tp_kwargs(model: nn.Module, *, prune_ranks: bool = False,
@@ -199,34 +281,6 @@ def compare_macs(model: nn.Module, example_input: torch.Tensor) -> MacCount:
 
 
 # -- the low-rank pruner ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def _densify(m: nn.Module) -> nn.Module | None:
-    """The dense layer a factorised module computes (exact product of its factors), or None."""
-    if isinstance(m, LowRankLinear):
-        d = nn.Linear(m.reduce.in_features, m.expand.out_features, bias=m.expand.bias is not None,
-                      device=m.expand.weight.device, dtype=m.expand.weight.dtype)
-        d.weight.copy_(m.expand.weight @ m.reduce.weight)
-    elif isinstance(m, (LowRankConv2d, Tucker2Conv2d)):
-        convs = [m.reduce, m.expand] if isinstance(m, LowRankConv2d) else [m.first, m.core, m.last]
-        spatial = convs[0] if isinstance(m, LowRankConv2d) else convs[1]
-        g = spatial.groups
-        d = nn.Conv2d(convs[0].in_channels, convs[-1].out_channels, spatial.kernel_size, spatial.stride,
-                      spatial.padding, spatial.dilation, g, bias=convs[-1].bias is not None,
-                      padding_mode=spatial.padding_mode, device=spatial.weight.device, dtype=spatial.weight.dtype)
-        for j in range(g):
-            ws = [c.weight.chunk(g, 0)[j] for c in convs]  # per group: (out_g, in_g, kh, kw)
-            if isinstance(m, LowRankConv2d):
-                w = torch.einsum("or,rikl->oikl", ws[1][:, :, 0, 0], ws[0])
-            else:
-                w = torch.einsum("ob,bakl,ai->oikl", ws[2][:, :, 0, 0], ws[1], ws[0][:, :, 0, 0])
-            d.weight[j * d.out_channels // g:(j + 1) * d.out_channels // g] = w
-    else:
-        return None
-    if d.bias is not None:
-        d.bias.copy_(convs[-1].bias if not isinstance(m, LowRankLinear) else m.expand.bias)
-    return d.train(m.training)
-
 
 def _ratio_schedule(ratio: float, steps: int) -> list[float]:
     """tp's linear scheduler on the fraction of cost removed, as cost ratios (last = ``ratio``)."""
@@ -324,7 +378,7 @@ class LowRankPruner:
         for name, m in dict(work.named_modules()).items():
             if not name or self._under(name, keep_out) or self._under(name, list(dense_now)):
                 continue
-            dense = _densify(m)
+            dense = m.to_dense() if isinstance(m, FactorisedModule) else None
             if dense is None and isinstance(m, SpatioChannelConv2d):
                 orig = self._originals.get(name)
                 if orig is None:  # not ours: leave it, and keep its inner convs out of the targets

@@ -25,15 +25,9 @@ FORMAT = "hsc-plugin/1"
 
 
 def _registry() -> dict[str, Any]:
-    from hsc_plugin.modules import FACTORISED_TYPES
+    from hsc_plugin.modules import TYPES
 
-    types = dict(FACTORISED_TYPES)
-    try:
-        from hsc_plugin.spatial import SPATIAL_TYPES  # HSC modules, when present
-    except ImportError:
-        SPATIAL_TYPES = {}
-    types.update(SPATIAL_TYPES)
-    return types
+    return TYPES
 
 
 def _replacements(model: nn.Module) -> dict[str, dict[str, Any]]:

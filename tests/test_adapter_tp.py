@@ -20,11 +20,12 @@ from hsc_plugin.adapters.torch_pruning import (  # noqa: E402
     LowRankPruner,
     SpatioChannelPruner,
     compare_macs,
+    prune_channels,
     rank_layers,
     tp_kwargs,
 )
-from hsc_plugin.modules import FACTORISED_TYPES  # noqa: E402
-from hsc_plugin.spatial import SpatioChannelConv2d, Tiling  # noqa: E402
+from hsc_plugin.modules import LowRankConv2d, LowRankLinear, SpatioChannelConv2d, Tucker2Conv2d  # noqa: E402
+from hsc_plugin.tiling import Tiling  # noqa: E402
 
 METHODS = {"global_svd": {}, "tucker2": {}, "hsc": {"grid": 2}}
 X = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -40,7 +41,7 @@ def compressed() -> dict[str, nn.Module]:
 
 
 def _ranks(model: nn.Module) -> dict[str, dict]:
-    types = tuple(FACTORISED_TYPES.values()) + (SpatioChannelConv2d,)
+    types = (LowRankConv2d, LowRankLinear, Tucker2Conv2d) + (SpatioChannelConv2d,)
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, types):
@@ -86,7 +87,7 @@ def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
     y = model(X)
     assert y.shape == (4, 10) and torch.isfinite(y).all()
     for m in model.modules():  # every replaced layer still rebuilds from its spec
-        if isinstance(m, tuple(FACTORISED_TYPES.values()) + (SpatioChannelConv2d,)):
+        if isinstance(m, (LowRankConv2d, LowRankLinear, Tucker2Conv2d) + (SpatioChannelConv2d,)):
             x = torch.randn(1, m.spec().get("in_channels", 0) or m.spec()["in_features"], 8, 8)
             if "in_features" in m.spec():
                 x = x[:, :, 0, 0]
@@ -173,7 +174,7 @@ def test_hsc_pruning_keeps_ranks_when_clusters_survive():
     SpatioChannelPruner()(m, [0], to_output=False)
     assert [b.ranks for b in m.blocks] == ranks
     with pytest.raises(ValueError):
-        m.prune_channels(out_keep=[])
+        prune_channels(m, out_keep=[])
 
 
 def test_low_rank_pruner_iterative_meets_budget_and_edits_in_place():
@@ -191,7 +192,7 @@ def test_low_rank_pruner_iterative_meets_budget_and_edits_in_place():
     assert dense / measure_costs(model, x[:1]).macs == pytest.approx(2.0, rel=0.02)
     assert all(type(m) in (nn.Linear, nn.Flatten, nn.ReLU, nn.AdaptiveAvgPool2d, nn.Sequential)
                for m in model.head.modules())  # ignored layers stay dense
-    assert any(isinstance(m, tuple(FACTORISED_TYPES.values())) for m in model.modules())
+    assert any(isinstance(m, (LowRankConv2d, LowRankLinear, Tucker2Conv2d)) for m in model.modules())
     with pytest.warns(UserWarning):
         assert pruner.step() is None
 

@@ -24,8 +24,7 @@ from conftest import SmallCNN
 from torch import nn
 
 from hsc_plugin import Budget, compress
-from hsc_plugin.modules import FACTORISED_TYPES
-from hsc_plugin.spatial import SPATIAL_TYPES
+from hsc_plugin.modules import TYPES
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd": ("global_svd", {}),
@@ -33,7 +32,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "hsc": ("hsc", {"grid": (2, 2)}),
     "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2)}),
 }
-REPLACED = tuple(FACTORISED_TYPES.values()) + tuple(SPATIAL_TYPES.values())
+REPLACED = tuple(TYPES.values())
 ATOL = 1e-4
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

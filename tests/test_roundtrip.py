@@ -14,8 +14,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 from hsc_plugin import Budget, compress, load, save
-from hsc_plugin.modules import FACTORISED_TYPES
-from hsc_plugin.spatial import SPATIAL_TYPES
+from hsc_plugin.modules import TYPES
 
 timm = pytest.importorskip("timm", reason="timm is a dev extra")
 
@@ -25,7 +24,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "hsc": ("hsc", {}),
     "hsc-output": ("hsc", {"channel_side": "output"}),
 }
-REPLACED = tuple(FACTORISED_TYPES.values()) + tuple(SPATIAL_TYPES.values())
+REPLACED = tuple(TYPES.values())
 
 
 def _resnet18() -> nn.Module:

@@ -11,7 +11,7 @@ from conftest import SmallCNN, assert_unchanged, snapshot
 from torch import nn
 
 from hsc_plugin import Budget, BudgetError, CalibrationError, RankProblem, RankSelector, compress
-from hsc_plugin.modules import FACTORISED_TYPES
+from hsc_plugin.modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d
 
 
 
@@ -24,7 +24,7 @@ def storages(model: nn.Module) -> set[int]:
 
 
 def factorised(model: nn.Module) -> list[str]:
-    types = tuple(FACTORISED_TYPES.values())
+    types = (LowRankConv2d, LowRankLinear, Tucker2Conv2d)
     return [n for n, m in model.named_modules() if isinstance(m, types)]
 
 

@@ -30,7 +30,7 @@ from hsc_plugin.decomposition import factor_eig_desc, sym_eig_desc
 from hsc_plugin.modules import LowRankConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.registry import create
-from hsc_plugin.spatial import SpatioChannelConv2d
+from hsc_plugin.modules import SpatioChannelConv2d
 from hsc_plugin.tiling import Tiling, cell_edges, explicit_padding, halo, input_window, output_box
 from hsc_plugin.strategy import ChannelClusterer, SpatialPartitioner
 

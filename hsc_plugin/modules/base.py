@@ -1,0 +1,83 @@
+"""The common base of factorised module types, and the registry they fill by subclassing."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv"]
+
+TYPES: dict[str, type["FactorisedModule"]] = {}
+"""Every factorised module type by its spec name (``spec()["type"]``); filled by subclassing."""
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """The arguments that define a conv's spatial behaviour (copied onto its spatial factor)."""
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    return {
+        "kernel_size": tuple(conv.kernel_size),
+        "stride": tuple(conv.stride),
+        "padding": padding,
+        "dilation": tuple(conv.dilation),
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def as_conv_kwargs(geom: dict[str, Any]) -> dict[str, Any]:
+    """A stored geometry (lists from JSON) as ``nn.Conv2d`` keyword arguments."""
+    g = dict(geom)
+    for k in ("kernel_size", "stride", "dilation"):
+        g[k] = tuple(g[k])
+    if not isinstance(g["padding"], str):
+        g["padding"] = tuple(g["padding"])
+    return g
+
+
+class FactorisedModule:
+    """Mixin of every module that replaces a dense conv/linear; a subclass registers itself.
+
+    What serialization and the adapters ask a type: ``spec()`` / ``from_spec()`` (JSON
+    structure, no pickled code), ``rank_layers()`` (inner layers whose output channels are ranks:
+    torch-pruning must not prune them), ``to_dense()`` (the equivalent nn.Conv2d/nn.Linear, or
+    None) and ``speedup_incompatible`` (why NNI's ModelSpeedup cannot handle it, or None).
+    """
+
+    speedup_incompatible: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if not cls.__name__.startswith("_"):
+            TYPES[cls.__name__] = cls
+
+    def spec(self) -> dict[str, Any]:  # pragma: no cover - every type overrides it
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], **kw: Any) -> Any:
+        args = {k: v for k, v in spec.items() if k != "type"}
+        return cls(**args, **kw)
+
+    def rank_layers(self) -> list[nn.Module]:
+        return []
+
+    def to_dense(self) -> nn.Module | None:
+        return None
+
+
+@torch.no_grad()
+def dense_conv(convs: list[nn.Conv2d], spatial: nn.Conv2d, equation: str) -> nn.Conv2d:
+    """The dense conv a chain of (grouped) convs computes: per group, ``einsum(equation)`` of the
+    factors' weights (1x1 factors squeezed to matrices), the last factor's bias."""
+    g = spatial.groups
+    d = nn.Conv2d(convs[0].in_channels, convs[-1].out_channels, spatial.kernel_size, spatial.stride,
+                  spatial.padding, spatial.dilation, g, bias=convs[-1].bias is not None,
+                  padding_mode=spatial.padding_mode, device=spatial.weight.device, dtype=spatial.weight.dtype)
+    for j in range(g):
+        ws = [c.weight.chunk(g, 0)[j] for c in convs]  # per group: (out_g, in_g, kh, kw)
+        ws = [w if c is spatial else w[:, :, 0, 0] for w, c in zip(ws, convs)]
+        d.weight[j * d.out_channels // g:(j + 1) * d.out_channels // g] = torch.einsum(equation, *ws[::-1])
+    if d.bias is not None:
+        d.bias.copy_(convs[-1].bias)
+    return d
