@@ -315,3 +315,39 @@ def run_calibration(
                 "model's weights and buffers"
             )
     return n
+
+
+@torch.no_grad()
+def measure_errors(work: nn.Module, new_modules: dict[str, nn.Module], calib: Any, *,
+                   desc: str = "error", progress: bool | None = None) -> dict[str, float]:
+    """Relative pre-bias output error of each new module on the layer's own calibration inputs."""
+    if not new_modules:
+        return {}
+    sums = {n: [0.0, 0.0] for n in new_modules}
+    handles = []
+
+    def make_hook(name: str, new: nn.Module):
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            approx = new(inp[0])
+            sums[name][0] += float((approx - out).double().pow(2).sum())
+            b = getattr(mod, "bias", None)
+            ref = out if b is None else out - (b.view(1, -1, 1, 1) if out.dim() == 4 else b)
+            sums[name][1] += float(ref.double().pow(2).sum())
+
+        return hook
+
+    mods = dict(work.named_modules())
+    for n, m in new_modules.items():
+        handles.append(mods[n].register_forward_hook(make_hook(n, m)))
+    param = next(work.parameters())
+    try:
+        ref: torch.Tensor | None = None
+        for x in tqdm(iter_batches(calib), desc=desc, unit="batch", leave=False,
+                      disable=not progress_enabled(progress)):
+            check_batch(x, ref)
+            ref = x if ref is None else ref
+            work(x.to(device=param.device, dtype=param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}

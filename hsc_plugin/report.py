@@ -127,3 +127,12 @@ class CompressionResult:
     def __iter__(self):  # allows ``model, report = compress(...)``
         yield self.model
         yield self.report
+
+
+def layer_report(name: str, module: nn.Module, status: str, reason: str, macs: int) -> LayerReport:
+    """The report of a layer left as it is (skipped or kept dense): before equals after."""
+    from hsc_plugin.costs import count_params
+
+    params = count_params(module)
+    return LayerReport(name=name, type=type(module).__name__, status=status, reason=reason,
+                       macs_before=macs, macs_after=macs, params_before=params, params_after=params)

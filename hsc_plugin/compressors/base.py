@@ -26,9 +26,8 @@ from hsc_plugin.calibration import (
     Accumulator,
     CalibrationError,
     LayerInfo,
-    check_batch,
     first_batch,
-    iter_batches,
+    measure_errors,
     progress_enabled,
     run_calibration,
     trace_layers,
@@ -38,7 +37,8 @@ from hsc_plugin.costs import count_params, measure_costs
 from hsc_plugin.forms import choose_forms
 from hsc_plugin.plan import LayerPlan, RankProblem
 from hsc_plugin.registry import create
-from hsc_plugin.report import CompressionResult, LayerReport, Report
+from hsc_plugin.plan_timing import measured_slower, points, time_plans
+from hsc_plugin.report import CompressionResult, LayerReport, Report, layer_report
 from hsc_plugin.strategy import RankSelector
 from hsc_plugin.targets import SUPPORTED_TYPES, TargetSpec, resolve_targets
 
@@ -50,11 +50,6 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def _points(plan: LayerPlan) -> list[list[float]]:
-    """The (MACs, ms) samples of a plan's measured latency curve, for the report."""
-    return getattr(plan.measured_costs.get("latency"), "points", lambda: [])()
 
 
 def _example_from_model(model: nn.Module) -> torch.Tensor | None:
@@ -435,7 +430,7 @@ class Compressor(ABC):
             for p in plans:
                 entry = latency["layers"].get(p.name)
                 if entry is not None and "forms" in entry:
-                    entry["form"], entry["curve_macs_ms"] = p.form, _points(p)
+                    entry["form"], entry["curve_macs_ms"] = p.form, points(p)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         report = Report(
             method=self.name,
@@ -482,70 +477,11 @@ class Compressor(ABC):
     def _time_plans(self, cm: LatencyCostModel, candidates: list[list[LayerPlan]], work: nn.Module,
                     infos: dict[str, LayerInfo], target_names: list[str], example: torch.Tensor,
                     reports: dict[str, LayerReport], before: Any) -> tuple[list[list[LayerPlan]], dict[str, Any]]:
-        """Time the model, every target layer and every form of every plan at a few ranks (the
-        latency metric); drop the forms whose cheapest factorisation is not faster here, and keep
-        dense the layers left with none."""
-        shape = tuple(example.shape[1:])
-        dense_ms: dict[str, float] = {}
-        kept: list[list[LayerPlan]] = []
-        by_name = {forms[0].name: forms for forms in candidates}
-        bar = tqdm(target_names, desc=f"{self.name}: timing", unit="layer", leave=False,
-                   disable=not progress_enabled(self.progress))
-        with torch.no_grad():
-            for n in bar:
-                dense_ms[n] = cm.time(infos[n].module, infos[n].in_shape)
-                forms = by_name.get(n)
-                if forms is None:
-                    continue
-                fast: list[LayerPlan] = []
-                fastest = math.inf
-                for p in forms:
-                    p.dense_cost["latency"] = dense_ms[n]
-                    p.measured_costs["latency"] = cm.curve(p)
-                    ms = p.metric_cost(p.min_ranks(), "latency")
-                    fastest = min(fastest, ms)
-                    if not (self.dense_fallback and ms >= dense_ms[n]):
-                        fast.append(p)
-                if not fast:
-                    reports[n] = self._layer_report(
-                        n, infos[n].module, "dense",
-                        f"factorising does not pay in measured time: the smallest rank takes {fastest:.4f} ms "
-                        f">= dense {dense_ms[n]:.4f} ms (batch {cm.batch})", before.module_macs.get(n, 0))
-                    continue
-                kept.append(fast)
-            model_ms = cm.time(work, shape)  # after the layers: their kernels are warm by now
-        # Additive model: time = what the target layers take alone + the rest (pooling, norms,
-        # launches). Layers timed alone can sum to more than the model (caches are colder), so
-        # the rest is clipped at zero and ratios are taken against the model's own prediction.
-        targets_ms = float(sum(dense_ms.values()))
-        rest_ms = max(0.0, model_ms - targets_ms)
-        latency = {"batch": cm.batch, "device": str(example.device), "before_ms": model_ms,
-                   "predicted_before_ms": rest_ms + targets_ms, "targets_before_ms": targets_ms,
-                   "cost_model": cm.config(),
-                   "layers": {forms[0].name: {"dense_ms": dense_ms[forms[0].name], "curve_macs_ms": _points(forms[0])}
-                              for forms in kept}}
-        for forms in kept:
-            if len(forms) > 1:  # every form's curve; compress() records which one was chosen
-                latency["layers"][forms[0].name]["forms"] = {p.form or str(i): _points(p) for i, p in enumerate(forms)}
-        if not kept:
-            raise BudgetError("No targeted layer is faster factorised than dense on this device "
-                              f"(batch {cm.batch}); a latency budget cannot be met by factorising")
-        return kept, latency
+        return time_plans(self.name, self.progress, self.dense_fallback, cm, candidates, work, infos,
+                          target_names, example, reports, before)
 
     def _measured_slower(self, new_modules: dict[str, nn.Module], infos: dict[str, LayerInfo]) -> dict[str, str]:
-        """Layers whose factorised module is not faster than the dense layer, measured here."""
-        from hsc_plugin.latency import measure_latency
-
-        out: dict[str, str] = {}
-        for name, new in new_modules.items():
-            info = infos[name]
-            kw = {"batch": self.latency_batch, "runs": 15, "warmup": 3, "threads": None}
-            dense = measure_latency(info.module, info.in_shape, **kw)["median_ms"]
-            fact = measure_latency(new, info.in_shape, **kw)["median_ms"]
-            if fact >= dense:
-                out[name] = (f"factorised form measured slower here ({fact:.3f} ms vs {dense:.3f} ms dense "
-                             f"at batch {self.latency_batch}); kept dense")
-        return out
+        return measured_slower(self.latency_batch, new_modules, infos)
 
     @staticmethod
     def _module_cost(cost, module: nn.Module, name: str, metric: str) -> float:
@@ -553,40 +489,7 @@ class Compressor(ABC):
 
     @staticmethod
     def _layer_report(name: str, module: nn.Module, status: str, reason: str, macs: int) -> LayerReport:
-        params = count_params(module)
-        return LayerReport(name=name, type=type(module).__name__, status=status, reason=reason,
-                           macs_before=macs, macs_after=macs, params_before=params, params_after=params)
+        return layer_report(name, module, status, reason, macs)
 
-    @torch.no_grad()
     def _measure_errors(self, work: nn.Module, new_modules: dict[str, nn.Module], calib: Any) -> dict[str, float]:
-        """Relative pre-bias output error of each new module on the layer's own calibration inputs."""
-        if not new_modules:
-            return {}
-        sums = {n: [0.0, 0.0] for n in new_modules}
-        handles = []
-
-        def make_hook(name: str, new: nn.Module):
-            def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-                approx = new(inp[0])
-                sums[name][0] += float((approx - out).double().pow(2).sum())
-                b = getattr(mod, "bias", None)
-                ref = out if b is None else out - (b.view(1, -1, 1, 1) if out.dim() == 4 else b)
-                sums[name][1] += float(ref.double().pow(2).sum())
-
-            return hook
-
-        mods = dict(work.named_modules())
-        for n, m in new_modules.items():
-            handles.append(mods[n].register_forward_hook(make_hook(n, m)))
-        param = next(work.parameters())
-        try:
-            ref: torch.Tensor | None = None
-            for x in tqdm(iter_batches(calib), desc=f"{self.name}: error", unit="batch", leave=False,
-                          disable=not progress_enabled(self.progress)):
-                check_batch(x, ref)
-                ref = x if ref is None else ref
-                work(x.to(device=param.device, dtype=param.dtype))
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}
+        return measure_errors(work, new_modules, calib, desc=f"{self.name}: error", progress=self.progress)
