@@ -581,7 +581,7 @@ class Compressor(ABC):
         param = next(work.parameters())
         try:
             ref: torch.Tensor | None = None
-            for x in tqdm(iter_batches(calib), desc=f"{self.name}: error", unit="batch", leave=False,
+            for x in tqdm(iter_batches(calib), desc=f"{self.name}: measuring error", unit="batch", leave=False,
                           disable=not progress_enabled(self.progress)):
                 check_batch(x, ref)
                 ref = x if ref is None else ref
