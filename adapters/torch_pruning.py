@@ -180,7 +180,9 @@ def hsc_forward_fn(forward_fn: Callable[[nn.Module, Any], Any] | None = None) ->
 
     def run(model: nn.Module, example_inputs: Any) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            return _OneOp.apply(args[0], out.detach())
+            # y must require grad: on the model's input (a stem) x does not, and an output without
+            # grad_fn is invisible to tp, which then never prunes the stem's output channels
+            return _OneOp.apply(args[0], out.detach().requires_grad_())
 
         # prepend: tp's own recording hook, registered before this runs, must see our output
         handles = [m.register_forward_hook(hook, prepend=True) for m in model.modules()

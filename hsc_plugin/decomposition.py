@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import warnings
+
 import torch
 
 __all__ = [
@@ -24,10 +26,35 @@ __all__ = [
 ]
 
 
+class DecompositionWarning(UserWarning):
+    """An eigen-decomposition needed a jitter or the SVD fallback (an ill-conditioned moment)."""
+
+
+def _robust_eigh(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh``, retried with a scaled diagonal jitter, then via SVD (LAPACK's syevd can fail to
+    converge on low-rank moments with many repeated zero eigenvalues)."""
+    try:
+        return torch.linalg.eigh(S)
+    except torch.linalg.LinAlgError:
+        pass
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    scale = float(S.diagonal().abs().mean()) or 1.0
+    for eps in (1e-10, 1e-7):
+        try:
+            evals, evecs = torch.linalg.eigh(S + eps * scale * eye)
+            warnings.warn(f"eigh failed; recovered with a diagonal jitter {eps:g}", DecompositionWarning, stacklevel=3)
+            return evals - eps * scale, evecs
+        except torch.linalg.LinAlgError:
+            continue
+    U, s, _ = torch.linalg.svd(S)  # PSD: singular vectors are eigenvectors, ascending like eigh
+    warnings.warn("eigh failed; recovered with the SVD fallback", DecompositionWarning, stacklevel=3)
+    return s.flip(0), U.flip(1)
+
+
 def sym_eig_desc(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a symmetric PSD matrix, eigenvalues descending and clamped at 0."""
     S = 0.5 * (S + S.T)
-    evals, evecs = torch.linalg.eigh(S.double())
+    evals, evecs = _robust_eigh(S.double())
     evals = evals.flip(0).clamp_min(0.0)
     evecs = evecs.flip(1)
     return evals, evecs

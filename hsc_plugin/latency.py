@@ -6,12 +6,12 @@ import copy
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "num_threads"]
+__all__ = ["measure_latency", "measure_interleaved", "speedup_text", "num_threads"]
 
 
 @contextmanager
@@ -74,3 +74,63 @@ def measure_latency(
         model.train(was_training)
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "runs": float(runs)}
+
+
+DISTURBED_IQR = 0.25  # IQR / median above this: the machine was busy while timing
+
+
+@torch.inference_mode()
+def measure_interleaved(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    batch: int = 1,
+    runs: int = 20,
+    warmup: int = 3,
+    threads: int | None = 2,
+    max_iqr: float = DISTURBED_IQR,
+    timer: Callable[[], float] = time.perf_counter,
+) -> dict[str, dict[str, float | bool]]:
+    """Time several models round-robin (A, B, A, B, ...) after ``warmup`` rounds.
+
+    Why: timed one after another, a load spike during one model's runs becomes a fake speed-up.
+    Interleaved, a disturbance hits every model alike. Returns per model ``median_ms``, ``p25_ms``,
+    ``p75_ms`` and ``disturbed`` (IQR/median above ``max_iqr``: report "disturbed", not a number).
+    """
+    xs = {}
+    for name, m in models.items():
+        ref = next(m.parameters(), None)
+        xs[name] = torch.randn(batch, *input_shape, dtype=ref.dtype if ref is not None else torch.float32)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    modes = {n: m.training for n, m in models.items()}
+    try:
+        with num_threads(threads):
+            for n, m in models.items():
+                m.eval()
+            for i in range(warmup + runs):
+                for n, m in models.items():
+                    t0 = timer()
+                    m(xs[n])
+                    dt = (timer() - t0) * 1e3
+                    if i >= warmup:
+                        times[n].append(dt)
+    finally:
+        for n, m in models.items():
+            m.train(modes[n])
+    out: dict[str, dict[str, float | bool]] = {}
+    for n, t in times.items():
+        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
+        med = statistics.median(t)
+        out[n] = {"median_ms": med, "p25_ms": q[0], "p75_ms": q[2], "runs": float(len(t)),
+                  "disturbed": med <= 0 or (q[2] - q[0]) / med > max_iqr}
+    return out
+
+
+def speedup_text(dense: dict[str, float | bool], other: dict[str, float | bool], mac_ratio: float | None = None) -> str:
+    """``"2.10x"``, or ``"disturbed"`` when either timing was; flags a speed-up above the MAC ratio."""
+    if dense["disturbed"] or other["disturbed"]:
+        return "disturbed"
+    s = float(dense["median_ms"]) / float(other["median_ms"])
+    if mac_ratio is not None and s > 1.2 * mac_ratio:
+        return f"{s:.2f}x (over MAC ratio {mac_ratio:.2f}x: suspect)"
+    return f"{s:.2f}x"

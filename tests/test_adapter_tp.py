@@ -14,7 +14,7 @@ from torch import nn
 tp = pytest.importorskip("torch_pruning", reason="torch-pruning not installed (extra [tp])")
 timm = pytest.importorskip("timm", reason="timm not installed (extra [timm])")
 
-from conftest import REPO, SmallCNN, assert_unchanged, snapshot  # noqa: E402
+from conftest import REPO, SmallCNN, assert_unchanged, mri_root, snapshot  # noqa: E402
 from hsc_plugin import BudgetError, compress, measure_costs  # noqa: E402
 from hsc_plugin.adapters.torch_pruning import (  # noqa: E402
     LowRankPruner,
@@ -27,17 +27,35 @@ from hsc_plugin.adapters.torch_pruning import (  # noqa: E402
 from hsc_plugin.modules import LowRankConv2d, LowRankLinear, SpatioChannelConv2d, Tucker2Conv2d  # noqa: E402
 from hsc_plugin.tiling import Tiling  # noqa: E402
 
-METHODS = {"global_svd": {}, "tucker2": {}, "hsc": {"grid": 2}}
-X = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+# every method, and HSC on both channel sides (the stem is an input-side HSC module by default)
+VARIANTS = {"global_svd": ("global_svd", {}), "tucker2": ("tucker2", {}),
+            "hsc": ("hsc", {"grid": 2, "channel_side": "input"}),
+            "hsc_output": ("hsc", {"grid": 2, "channel_side": "output"})}
+
+
+def _mri_images(n: int = 64, size: int = 64) -> torch.Tensor:
+    """Real (structured) calibration images, grey repeated to 3 channels, as a user of timm does."""
+    from hsc_plugin.mri import load_split
+
+    ds = load_split(mri_root(), "train", size=size, max_per_class=n // 4)
+    return ds.tensors[0][:n].repeat(1, 3, 1, 1)
+
+
+X = _mri_images()
 
 
 @pytest.fixture(scope="module")
 def compressed() -> dict[str, nn.Module]:
-    """A timm resnet18 compressed 2x by each method (layer4 left dense to keep the test quick)."""
+    """A timm resnet18 (4 classes) compressed 2x by each variant, every layer (the stem included)."""
     torch.manual_seed(0)
-    base = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-    return {m: compress(base, m, calib=X, budget="2x", exclude="layer4.*", progress=False,
-                        measure_error=False, **opts).model for m, opts in METHODS.items()}
+    base = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    out = {}
+    for name, (method, opts) in VARIANTS.items():
+        model = compress(base, method, calib=X, budget="2x", progress=False, measure_error=False, **opts).model
+        assert not isinstance(model.conv1, nn.Conv2d), f"{name}: the stem must be compressed"
+        assert not isinstance(model.layer4[1].conv2, nn.Conv2d), f"{name}: layer4 must be compressed"
+        out[name] = model
+    return out
 
 
 def _ranks(model: nn.Module) -> dict[str, dict]:
@@ -48,6 +66,12 @@ def _ranks(model: nn.Module) -> dict[str, dict]:
             s = m.spec()
             out[name] = {k: v for k, v in s.items() if k.startswith("rank") or k == "region_ranks"}
     return out
+
+
+def _out_channels(m: nn.Module) -> int:
+    if isinstance(m, SpatioChannelConv2d):
+        return m.out_channels
+    return [c for c in m.modules() if isinstance(c, nn.Conv2d)][-1].out_channels
 
 
 def _subsequence(short: list[int], long: list[int]) -> bool:
@@ -69,7 +93,7 @@ def _round_trip(module: nn.Module) -> nn.Module:
     return twin.eval()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
     model = copy.deepcopy(compressed[method])
     ranks = _ranks(model)
@@ -84,15 +108,17 @@ def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
             assert all(_subsequence(a, b) for a, b in zip(after[name]["region_ranks"], r["region_ranks"]))
         else:
             assert after[name] == r
+    stem = model.conv1  # issue 14: tp pruned bn1 but not the factorised stem's outputs
+    assert _out_channels(stem) == model.bn1.num_features < 64
     y = model(X)
-    assert y.shape == (4, 10) and torch.isfinite(y).all()
+    assert y.shape == (len(X), 4) and torch.isfinite(y).all()
     for m in model.modules():  # every replaced layer still rebuilds from its spec
         if isinstance(m, (LowRankConv2d, LowRankLinear, Tucker2Conv2d) + (SpatioChannelConv2d,)):
             x = torch.randn(1, m.spec().get("in_channels", 0) or m.spec()["in_features"], 8, 8)
             if "in_features" in m.spec():
                 x = x[:, :, 0, 0]
             torch.testing.assert_close(_round_trip(m)(x), m.eval()(x))
-    if method == "hsc":
+    if method.startswith("hsc"):
         hsc = [m for m in model.modules() if isinstance(m, SpatioChannelConv2d)]
         assert hsc and any(len(m.blocks) > 1 for m in hsc)
         assert any(m.out_channels < 64 for m in hsc)  # HSC layers' own channels were pruned too
@@ -228,11 +254,12 @@ def test_low_rank_pruner_hsc_steps():
     assert torch.isfinite(model(x)).all()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(VARIANTS))
 def test_mac_counts_agree_with_tp(compressed, method, small_cnn):
     x = torch.randn(2, 3, 32, 32)
-    small = compress(small_cnn, method, calib=torch.randn(16, 3, 32, 32), budget="2x", progress=False,
-                     measure_error=False, **METHODS[method]).model
+    name, opts = VARIANTS[method]
+    small = compress(small_cnn, name, calib=torch.randn(16, 3, 32, 32), budget="2x", progress=False,
+                     measure_error=False, **opts).model
     pruned = copy.deepcopy(compressed[method])
     _tp_prune(pruned)
     for model, inp in ((small, x), (compressed[method], X[:2]), (pruned, X[:2])):

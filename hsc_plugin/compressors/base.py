@@ -492,4 +492,4 @@ class Compressor(ABC):
         return layer_report(name, module, status, reason, macs)
 
     def _measure_errors(self, work: nn.Module, new_modules: dict[str, nn.Module], calib: Any) -> dict[str, float]:
-        return measure_errors(work, new_modules, calib, desc=f"{self.name}: error", progress=self.progress)
+        return measure_errors(work, new_modules, calib, desc=f"{self.name}: measuring error", progress=self.progress)

@@ -31,6 +31,20 @@ def _trained_model(data: Path, recipe: Any, seed: int, prefix: str, progress: bo
     return model, train, test, time.perf_counter() - t0
 
 
+def _warn_oversubscribed() -> None:
+    """A slow run should explain itself: other busy processes plus torch's threads > cores."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - not on every platform
+        return
+    cores = os.cpu_count() or 1
+    if load + torch.get_num_threads() > cores + 0.5:
+        print(f"warning: load average {load:.1f} + {torch.get_num_threads()} torch threads on {cores} cores: "
+              "oversubscribed, timings and run time will suffer", file=sys.stderr)
+
+
 def demo(args: argparse.Namespace) -> int:
     """Train (or reuse) a small AlexNet on the bundled sample, compress it 3× with every method,
     print the comparison, write the JSON report and the Pareto plot."""
@@ -44,6 +58,7 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     recipe = demo_recipe()
     print(f"data: {data}")
+    _warn_oversubscribed()
     model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-demo", not args.quiet)
     print(f"model: alexnet_mri(width={recipe.width}, input_size={recipe.input_size}) ready in {t_train:.0f}s "
           f"({len(train)} train / {len(test)} test images)")
@@ -120,6 +135,7 @@ def reproduce(args: argparse.Namespace) -> int:
     if not args.data:
         raise SystemExit("hsc reproduce: --data is required (e.g. --data ../shared/data/brain-mri-128)")
     start = time.perf_counter()
+    _warn_oversubscribed()
     data = Path(args.data)
     out = Path(args.out_dir)
     recipe = paper_recipe()
