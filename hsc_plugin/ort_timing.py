@@ -29,7 +29,11 @@ def ort_latency_ms(module: nn.Module, input_shape: tuple[int, ...], batch: int =
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
+            try:
+                torch.onnx.export(module, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
+            except Exception:  # e.g. adaptive pooling to a size that does not divide the input
+                buf = io.BytesIO()
+                torch.onnx.export(module, (x,), buf, dynamo=True, input_names=["x"], output_names=["y"])
     finally:
         module.train(was)
     opts = ort.SessionOptions()
