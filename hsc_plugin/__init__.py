@@ -15,6 +15,7 @@ from hsc_plugin.calibration import CalibrationError
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import ModelCost, measure_costs
+from hsc_plugin.deploy import fold_bn
 from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
 from hsc_plugin.report import CompressionResult, LayerReport, Report
@@ -24,6 +25,7 @@ from hsc_plugin.strategy import ChannelClusterer, RankSelector, SpatialPartition
 __version__ = "0.1.0"
 
 __all__ = [
+    "fold_bn",
     "compress",
     "create_compressor",
     "Budget",

@@ -43,7 +43,11 @@ class LatencyCostModel:
         threads: int | None = None,
         fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75),
         channels_last: bool = False,
+        runtime: str = "torch",
     ) -> None:
+        if runtime not in ("torch", "onnxruntime"):
+            raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+        self.runtime = runtime
         if batch < 1 or runs < 1:
             raise ValueError(f"batch and runs must be >= 1, got batch={batch}, runs={runs}")
         self.batch = int(batch)
@@ -55,10 +59,15 @@ class LatencyCostModel:
 
     def config(self) -> dict[str, object]:
         return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions),
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "runtime": self.runtime}
 
     def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
+        if self.runtime == "onnxruntime":
+            from hsc_plugin.ort_timing import ort_latency_ms
+
+            return ort_latency_ms(module, tuple(input_shape), batch=self.batch, runs=self.runs,
+                                  warmup=self.warmup, threads=self.threads)
         from hsc_plugin.latency import measure_latency
 
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,

@@ -1,0 +1,138 @@
+"""The paper's scale: torchvision AlexNet (4 classes) at 512 px, every method, MAC and latency budgets.
+
+Weights are untrained (seeded): a conv's run time depends only on its shapes (channels, kernel,
+ranks, input size), never on the values of its weights, so an untrained model times exactly as a
+trained one. The ranks a data-aware method picks do depend on the weights and the calibration
+activations; those are MRI images upsampled to 512 px and repeated to 3 channels.
+
+Timings interleave dense and compressed runs (dense, compressed, dense, …) after a warm-up so slow
+drifts of a shared machine hit both alike; speed-up is the per-pair ratio, median with quartiles.
+
+    python benchmarks/paper_scale.py --data ../shared/data/brain-mri-128
+    python benchmarks/paper_scale.py --size 128 --runs 3 --methods global_svd --budgets 3x --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs  # noqa: E402
+
+METHODS = {
+    "hsc": ("hsc", {}),
+    "global_svd": ("global_svd", {"data_aware": True}),
+    "tucker2": ("tucker2", {"data_aware": True}),
+}
+BUDGETS = {"3x": (3.0, "macs"), "6x": (6.0, "macs"), "lat2x": (2.0, "latency"), "lat3x": (3.0, "latency")}
+PAPER = "paper (HSC, 8.21 GFLOPs AlexNet): 1.38× measured speed-up, 26 % of the MAC ratio"
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return q[0], statistics.median(xs), q[2]
+
+
+def interleaved_speedup(dense: nn.Module, comp: nn.Module, x: torch.Tensor, runs: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Quartiles of dense_time / compressed_time over ``runs`` interleaved pairs."""
+    ratios = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            dense(x), comp(x)
+        for _ in range(runs):
+            t0 = time.perf_counter(); dense(x); t1 = time.perf_counter(); comp(x); t2 = time.perf_counter()
+            ratios.append((t1 - t0) / (t2 - t1))
+    return _quartiles(ratios)
+
+
+def calibration(data: str, n: int, size: int) -> torch.Tensor:
+    from hsc_plugin.mri import load_split
+    from hsc_plugin.mri.experiment import calibration_subset
+
+    x = calibration_subset(load_split(data, "train", 128), n, 0)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/brain-mri-128"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--out", default=None, help="e.g. benchmarks/results/paper_scale.md")
+    args = ap.parse_args()
+    import torchvision
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(0)
+    base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
+    calib = calibration(args.data, args.calib, args.size)
+    dense_macs = measure_costs(base, calib[:1]).macs
+    threads = torch.get_num_threads()
+    lines = [f"# Paper scale: torchvision AlexNet, 4 classes, {args.size} px, {dense_macs / 1e9:.2f} GMACs dense", "",
+             "Weights are untrained (seeded, `weights=None`): run time depends only on layer shapes and ranks, "
+             "not on learned values. Calibration: "
+             f"{args.calib} MRI images upsampled to {args.size} px, 3 channels. Threads: {threads}. "
+             f"Timings interleaved, {args.runs} pairs after warm-up; speed-up median [q1, q3].", "",
+             f"Command: `python benchmarks/paper_scale.py {' '.join(sys.argv[1:])}`", "", PAPER, "",
+             "| method | budget | batch | layout | MAC ratio | speed-up | share of MAC ratio | ORT speed-up (b1) |",
+             "|---|---|---|---|---|---|---|---|"]
+    ort_ok = not args.no_ort
+    if ort_ok:
+        try:
+            from hsc_plugin.ort_timing import ort_latency_ms
+        except ImportError:
+            ort_ok = False
+    for mname in args.methods:
+        method, kw = METHODS[mname]
+        for bname in args.budgets:
+            ratio, metric = BUDGETS[bname]
+            for batch in args.batches:
+                for layout in args.layouts:
+                    cl = layout == "channels_last"
+                    if metric == "latency":
+                        budget = Budget(ratio, metric="latency")
+                        extra = {"cost_model": LatencyCostModel(batch, channels_last=cl)}
+                    else:
+                        budget, extra = Budget(ratio), {}
+                    res = compress(base, method, calib=calib, budget=budget, progress=False, **kw, **extra)
+                    comp = res.model.eval()
+                    macs = dense_macs / measure_costs(comp, calib[:1]).macs
+                    x = torch.randn(batch, 3, args.size, args.size)
+                    d, c = base, comp
+                    if cl:
+                        d = copy.deepcopy(base).to(memory_format=torch.channels_last)
+                        c = copy.deepcopy(comp).to(memory_format=torch.channels_last)
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    q1, med, q3 = interleaved_speedup(d, c, x, args.runs)
+                    ort = "–"
+                    if ort_ok and batch == 1 and not cl:
+                        shape = (3, args.size, args.size)
+                        td = ort_latency_ms(base, shape, runs=args.runs, threads=threads)
+                        tc = ort_latency_ms(comp, shape, runs=args.runs, threads=threads)
+                        ort = f"{td / tc:.2f}×"
+                    lines.append(f"| {mname} | {bname} | {batch} | {layout} | {macs:.2f}× | {med:.2f}× [{q1:.2f}, {q3:.2f}] "
+                                 f"| {100 * med / macs:.0f} % | {ort} |")
+                    print(lines[-1], flush=True)
+    emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

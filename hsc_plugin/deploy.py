@@ -1,0 +1,125 @@
+"""Deployment transforms: fold BatchNorm into the factor that feeds it.
+
+A BN after a conv is an affine map per output channel; folding it into the conv that produces
+those channels removes one memory pass per layer at inference, with identical outputs (eval only).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d
+from hsc_plugin.spatial import SpatioChannelConv2d
+
+__all__ = ["fold_bn"]
+
+_LEAVES = (LowRankConv2d, Tucker2Conv2d, SpatioChannelConv2d)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    s = bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)
+    b = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_var)
+    scale = s / torch.sqrt(bn.running_var + bn.eps)
+    return scale, b - bn.running_mean * scale
+
+
+def _fold_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    w = conv.weight
+    conv.weight.data = w.detach() * scale.to(w).view(-1, *([1] * (w.dim() - 1)))
+    old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift).to(w)
+    conv.bias = nn.Parameter(old * scale.to(w) + shift.to(w))
+
+
+def _fold_spatial(m: SpatioChannelConv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    for b in m.blocks:
+        b.const_bias.data = b.const_bias * scale.to(b.const_bias) + shift.to(b.const_bias)
+        b.has_bias = True
+        if b.side == "input":
+            if len(b.expands):
+                _fold_conv(b.expands[0], scale, shift)
+            continue
+        kept = [i for i, r in enumerate(b.ranks) if r > 0]
+        for conv, i in zip(b.expands, kept):
+            idx = torch.tensor(b.clusters[i], dtype=torch.long)
+            _fold_conv(conv, scale[idx], shift[idx])
+        if b.dropped:
+            idx = torch.tensor(b.dropped, dtype=torch.long)
+            b.dropped_bias.data = b.dropped_bias * scale[idx].to(b.dropped_bias) + shift[idx].to(b.dropped_bias)
+
+
+def _fold_into(producer: nn.Module, bn: nn.BatchNorm2d) -> bool:
+    scale, shift = _affine(bn)
+    if isinstance(producer, SpatioChannelConv2d):
+        if producer.out_channels != bn.num_features:
+            return False
+        _fold_spatial(producer, scale, shift)
+        return True
+    if isinstance(producer, (LowRankConv2d, Tucker2Conv2d)):
+        producer = list(producer.children())[-1]
+    if isinstance(producer, nn.Conv2d) and producer.out_channels == bn.num_features:
+        _fold_conv(producer, scale, shift)
+        return True
+    return False
+
+
+def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
+    graph = _Tracer().trace(model)
+    mods = dict(model.named_modules())
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods[node.target], nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        out.append((src.target, node.target))
+    return out
+
+
+def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Sequential) and not isinstance(m, _LEAVES):
+            kids = list(m.named_children())
+            for (a, _), (b, bm) in zip(kids, kids[1:]):
+                if isinstance(bm, nn.BatchNorm2d):
+                    p = f"{name}." if name else ""
+                    out.append((p + a, p + b))
+    return out
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold each BatchNorm2d that directly follows a conv (dense or factorised) into its last factor.
+
+    Folded BNs become ``nn.Identity``; their names are listed in ``model.folded_bn``. Eval mode
+    only: in train mode BN uses batch statistics, which no fixed weights can reproduce.
+    """
+    if any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        raise RuntimeError("fold_bn needs eval mode (call model.eval()): BN in train mode uses batch statistics")
+    target = model if inplace else copy.deepcopy(model)
+    try:
+        pairs = _pairs_fx(target)
+    except Exception:  # untraceable control flow: fall back to Sequential order
+        pairs = _pairs_sequential(target)
+    folded = []
+    with torch.no_grad():
+        for prod, bn_name in pairs:
+            bn = target.get_submodule(bn_name)
+            if isinstance(bn, nn.BatchNorm2d) and _fold_into(target.get_submodule(prod), bn):
+                _set(target, bn_name, nn.Identity())
+                folded.append(bn_name)
+    target.folded_bn = folded
+    return target
