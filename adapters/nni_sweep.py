@@ -533,7 +533,7 @@ def _prepare_model(args: argparse.Namespace, log: Any) -> ModelSource:
     if not path.is_file():
         log(f"training {recipe} on {data} (cached as {path})")
     load_or_train(path, lambda: alexnet_mri(width=recipe.width, input_size=recipe.input_size),
-                  load_split(data, "train", recipe.input_size), seed=args.seed, progress=not args.quiet,
+                  load_split(data, "train", recipe.input_size), seed=args.seed, progress=None if not args.quiet else False,
                   **recipe.train_kwargs())
     return ModelSource(str(data.resolve()), str(path), recipe.input_size, recipe.width)
 

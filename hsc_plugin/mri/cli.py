@@ -63,7 +63,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"model: alexnet_mri(width={recipe.width}, input_size={recipe.input_size}) ready in {t_train:.0f}s "
           f"({len(train)} train / {len(test)} test images)")
     rows = run_comparison(model, train, test, settings=QUICK_SETTINGS, ratios=tuple(args.ratios), n_calib=128,
-                          latency_runs=20, n_boot=1000, seed=args.seed, progress=not args.quiet)
+                          latency_runs=20, n_boot=1000, seed=args.seed, progress=None if not args.quiet else False)
     print()
     print(text_table(rows))
     meta = {"command": "hsc demo " + " ".join(sys.argv[2:]), "data": str(data), "machine": machine_description(),
@@ -153,7 +153,7 @@ def reproduce(args: argparse.Namespace) -> int:
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
                           finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                           finetune_optimizer=args.finetune_optimizer, latency=not args.no_latency, seed=args.seed,
-                          progress=not args.quiet, save_dir=args.save_models)
+                          progress=None if not args.quiet else False, save_dir=args.save_models)
     print(text_table(rows))
     command = "hsc reproduce " + " ".join(sys.argv[2:])
     seconds = time.perf_counter() - start

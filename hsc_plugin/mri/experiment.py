@@ -139,7 +139,7 @@ def run_comparison(
     latency_runs: int = 20,
     n_boot: int = 1000,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = True,
     log: Callable[[str], None] = print,
     save_dir: str | None = None,
 ) -> list[dict[str, Any]]:

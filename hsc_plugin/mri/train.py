@@ -99,7 +99,7 @@ def train(
     seed: int,
     device: str | torch.device | None = None,
     augment: bool = True,
-    progress: bool = True,
+    progress: bool | None = True,
     weight_decay: float = 0.05,
     optimizer: str = "adamw",
     eval_data: Dataset | None = None,
@@ -154,7 +154,7 @@ def finetune(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
-    progress: bool = True,
+    progress: bool | None = True,
     augment: bool = True,
     weight_decay: float = 0.0,
     optimizer: str = "adamw",
@@ -379,5 +379,6 @@ def _make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
 
 
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, leave=False, disable=not (progress and sys.stderr.isatty()))
+def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
+    # Training bars only on a terminal: in a captured log every update would be a line.
+    return tqdm(total=total, desc=desc, leave=False, disable=progress is False or not sys.stderr.isatty())
