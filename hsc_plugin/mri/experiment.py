@@ -153,10 +153,12 @@ def run_comparison(
     input_shape = tuple(test.tensors[0].shape[1:])
     calib = calibration_subset(train, n_calib, seed)
     base = {"method": "original", "setting": "uncompressed", "ratio": 1.0, "stage": "-"}
+    t0 = time.perf_counter()
     base.update(_costs_and_latency(model, input_shape, latency, latency_runs))
     base.update(evaluate_model(model, test, n_boot=n_boot, seed=seed))
     rows = [base]
-    log(f"original: acc {base['accuracy']:.4f}  MACs {base['macs']:,}")
+    log(f"original: acc {base['accuracy']:.4f}  MACs {base['macs']:,}  "
+        f"(evaluate{' + time' if latency else ''} {time.perf_counter() - t0:.1f}s)")
     for ratio in ratios:
         for s in settings:
             torch.manual_seed(seed)
@@ -180,8 +182,11 @@ def run_comparison(
             row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs))
             row.update(evaluate_model(result.model, test, n_boot=n_boot, seed=seed))
             rows.append(row)
-            log(f"{s.label} @ {ratio:g}x: acc {row['accuracy']:.4f}  MACs {row['macs']:,}  ({seconds:.1f}s)")
+            log(f"{s.label} @ {ratio:g}x: acc {row['accuracy']:.4f}  MACs {row['macs']:,}  "
+                f"(compress {seconds:.1f}s, evaluate{' + time' if latency else ''} "
+                f"{time.perf_counter() - t0 - seconds:.1f}s)")
             if finetune_epochs > 0:
+                t1 = time.perf_counter()
                 tuned = finetune(copy.deepcopy(result.model), train, epochs=finetune_epochs, lr=finetune_lr,
                                  optimizer=finetune_optimizer, augment=finetune_augment, teacher=model, seed=seed,
                                  progress=progress)
@@ -190,5 +195,5 @@ def run_comparison(
                 if latency:
                     ft.update(_costs_and_latency(tuned, input_shape, latency, latency_runs))
                 rows.append(ft)
-                log(f"  fine-tuned: acc {ft['accuracy']:.4f}")
+                log(f"  fine-tuned: acc {ft['accuracy']:.4f}  ({time.perf_counter() - t1:.1f}s)")
     return rows
