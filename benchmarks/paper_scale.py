@@ -100,6 +100,7 @@ def main() -> None:
             from hsc_plugin.ort_timing import ort_latency_ms
         except ImportError:
             ort_ok = False
+    cache: dict[tuple, nn.Module] = {}
     for mname in args.methods:
         method, kw = METHODS[mname]
         for bname in args.budgets:
@@ -112,8 +113,10 @@ def main() -> None:
                         extra = {"cost_model": LatencyCostModel(batch, channels_last=cl)}
                     else:
                         budget, extra = Budget(ratio), {}
-                    res = compress(base, method, calib=calib, budget=budget, progress=False, **kw, **extra)
-                    comp = res.model.eval()
+                    key = (mname, bname) if metric == "macs" else (mname, bname, batch, layout)
+                    if key not in cache:  # a MAC budget's model does not depend on the timing config
+                        cache[key] = compress(base, method, calib=calib, budget=budget, progress=False, **kw, **extra).model.eval()
+                    comp = cache[key]
                     macs = dense_macs / measure_costs(comp, calib[:1]).macs
                     x = torch.randn(batch, 3, args.size, args.size)
                     d, c = base, comp
