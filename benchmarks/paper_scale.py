@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
-from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs  # noqa: E402
+from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs  # noqa: E402
 
 METHODS = {
     "hsc": ("hsc", {}),
@@ -100,7 +100,7 @@ def main() -> None:
             from hsc_plugin.ort_timing import ort_latency_ms
         except ImportError:
             ort_ok = False
-    cache: dict[tuple, nn.Module] = {}
+    cache: dict[tuple, nn.Module | str] = {}
     for mname in args.methods:
         method, kw = METHODS[mname]
         for bname in args.budgets:
@@ -115,8 +115,16 @@ def main() -> None:
                         budget, extra = Budget(ratio), {}
                     key = (mname, bname) if metric == "macs" else (mname, bname, batch, layout)
                     if key not in cache:  # a MAC budget's model does not depend on the timing config
-                        cache[key] = compress(base, method, calib=calib, budget=budget, progress=False, **kw, **extra).model.eval()
+                        try:
+                            cache[key] = compress(base, method, calib=calib, budget=budget, progress=False,
+                                                  **kw, **extra).model.eval()
+                        except BudgetError as e:  # a refusal is a result: say it in the table
+                            cache[key] = str(e)
                     comp = cache[key]
+                    if isinstance(comp, str):
+                        lines.append(f"| {mname} | {bname} | {batch} | {layout} | refused: {comp} | | | |")
+                        print(lines[-1], flush=True)
+                        continue
                     macs = dense_macs / measure_costs(comp, calib[:1]).macs
                     x = torch.randn(batch, 3, args.size, args.size)
                     d, c = base, comp
