@@ -69,3 +69,44 @@ def regional_from_conv(conv: nn.Conv2d, tiling: "Tiling", rank: int, *, base: st
         if conv.bias is not None:
             e.bias.copy_(conv.bias)
     return m.train(conv.training)
+
+
+@torch.no_grad()
+def set_block_bias(blk: nn.Module, bias: torch.Tensor | None) -> None:
+    """Give a :class:`RegionBlock` the conv's bias wherever it keeps one (expands, dropped, constant)."""
+    if bias is None:
+        return
+    if blk.total_rank == 0:
+        blk.const_bias.copy_(bias)
+    if blk.side == "input":
+        if len(blk.expands):
+            blk.expands[0].bias.copy_(bias)
+        return
+    for e, i in zip(blk.expands, blk.kept):
+        e.bias.copy_(bias[blk.clusters[i]])
+    if blk.n_dropped:
+        blk.dropped_bias.copy_(bias[blk.dropped])
+
+
+@torch.no_grad()
+def hsc_from_conv(conv: nn.Conv2d, tiling: "Tiling", side: str, region_clusters: list, region_ranks: list, *,
+                  block: str = "svd", region_ranks_in: list | None = None) -> nn.Module:
+    """A :class:`SpatioChannelConv2d` at the given ranks whose every (region, cluster) path is the
+    SVD / Tucker-2 of that cluster's slice of ``conv``'s weight (rows on the output side, input
+    channels on the input side): every region starts from the same factors."""
+    from hsc_plugin.modules import SpatioChannelConv2d, conv_geometry
+
+    w = conv.weight.detach()
+    m = SpatioChannelConv2d(conv.in_channels, conv.out_channels, conv_geometry(conv), tiling, side, region_clusters,
+                            region_ranks, bias=conv.bias is not None, device=w.device, dtype=w.dtype,
+                            block=block, region_ranks_in=region_ranks_in)
+    for blk in m.blocks:
+        for i, f in zip(blk.kept, blk.factors()):
+            sub = w[blk.clusters[i]] if side == "output" else w[:, blk.clusters[i]]
+            first, core, expand = conv_factors(sub, blk.ranks[i], blk.ranks_in[i] if block == "tucker2" else None)
+            if first is not None:
+                f["first"].copy_(first)
+            f["core"].copy_(core)
+            f["expand"].copy_(expand)
+        set_block_bias(blk, conv.bias)
+    return m.train(conv.training)

@@ -78,7 +78,9 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
         self.single = tiling.n_regions == 1
         self.grid = [int(g) for g in tiling.grid]
         self.regions = [[int(v) for v in r] for r in tiling.regions]
-        self.program = tiling.program()
+        # One region has no concatenation; a step that is never run (forward returns first) gives
+        # TorchScript the list's element type, which it cannot infer from an empty list.
+        self.program = tiling.program() or [(2, [0])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.reduce(self.first(x))
