@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv
+from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv, fold_affine
 
 __all__ = ["LowRankConv2d", "LowRankLinear"]
 
@@ -66,6 +66,12 @@ class LowRankConv2d(FactorisedModule, nn.Sequential):
 
     def to_dense(self) -> nn.Module:
         return dense_conv([self.reduce, self.expand], self.reduce, "or,rikl->oikl").train(self.training)
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.expand.out_channels:
+            return False
+        fold_affine(self.expand, scale, shift)
+        return True
 
 
 class LowRankLinear(FactorisedModule, nn.Sequential):

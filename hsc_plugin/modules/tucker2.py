@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv
+from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv, fold_affine
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -62,3 +62,9 @@ class Tucker2Conv2d(FactorisedModule, nn.Sequential):
     def to_dense(self) -> nn.Module:
         convs = [self.first, self.core, self.last]
         return dense_conv(convs, self.core, "ob,bakl,ai->oikl").train(self.training)
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.last.out_channels:
+            return False
+        fold_affine(self.last, scale, shift)
+        return True
