@@ -7,10 +7,13 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from hsc_plugin.plan import RankProblem
+from hsc_plugin.tiling import cell_edges
 
-__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "Strategy"]
+__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "Strategy", "coactivation",
+           "balance_clusters"]
 
 
 class Strategy(ABC):
@@ -22,6 +25,20 @@ class Strategy(ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this strategy takes (keyword parameters of ``__init__``), so a compressor can
+        forward its own options of the same names (see :func:`hsc_plugin.registry.create`)."""
+        import inspect
+
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and klass is not object:
+                for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names:
+                        names.append(p.name)
+        return names
 
     def config(self) -> dict[str, Any]:
         """JSON-safe description, for reports."""
@@ -63,3 +80,25 @@ class ChannelClusterer(Strategy):
 
     @abstractmethod
     def cluster(self, coactivation: np.ndarray) -> np.ndarray: ...
+
+
+def coactivation(S: torch.Tensor) -> np.ndarray:
+    """|corr| of channels from an uncentred second moment: |S_ij| / sqrt(S_ii S_jj)."""
+    d = S.diagonal().clamp_min(1e-30).sqrt()
+    return (S.abs() / d[:, None] / d[None, :]).clamp(0, 1).cpu().numpy()
+
+
+def balance_clusters(clusters: list[list[int]], A: np.ndarray) -> list[list[int]]:
+    """Equal-size clusters (sizes differ by at most one) that keep most of a clustering.
+
+    Channels are ordered cluster by cluster, each cluster's channels by their mean co-activation
+    with it (most typical first), and the order is cut into equal consecutive chunks. Equal sizes
+    and a tied rank let the input side run as one grouped conv (ALDS's k-SVD form).
+    """
+    order: list[int] = []
+    for cl in sorted(clusters, key=len, reverse=True):
+        typical = A[np.ix_(cl, cl)].mean(axis=1)
+        order += [cl[i] for i in np.argsort(-typical, kind="stable")]
+    n, total = len(clusters), len(order)
+    edges = cell_edges(total, n)
+    return [sorted(order[edges[i]:edges[i + 1]]) for i in range(n)]
