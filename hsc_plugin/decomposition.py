@@ -71,6 +71,10 @@ class Moment:
         """Eigenvalues descending and their eigenvectors (only the possibly non-zero ones for a factor)."""
         return sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
 
+    def full(self) -> torch.Tensor:
+        """The moment as a matrix."""
+        return self.matrix if self.factor is None else self.factor @ self.factor.T
+
 
 def truncated_svd(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``M`` (U: m×r, s: r, Vh: r×n), in float64."""

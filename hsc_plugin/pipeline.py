@@ -107,7 +107,7 @@ def prepare(compressor: "Compressor", model: nn.Module, calib: Any, targets: Tar
         )
     example = _example(model, calib, example_input)
     selector = compressor.rank_selector(budget)
-    context = PlanContext(metric=budget.metric if budget is not None else "macs",
+    context = PlanContext(metric=budget.metric if budget is not None else "macs", has_budget=budget is not None,
                           rank_multiple=compressor.rank_multiple, dense_fallback=compressor.dense_fallback)
     work = copy.deepcopy(model)
     work.eval()
@@ -223,8 +223,6 @@ def _plan_layer(compressor: "Compressor", prep: Prepared, info: LayerInfo,
         prep.reports[info.name] = layer_report(info.name, info.module, "dense", result, info.macs)
         return []
     forms = result if isinstance(result, list) else [result]
-    if ctx.metric != "latency":
-        forms = forms[:1]  # counted costs never favour another form (see hsc_plugin.forms)
     counted = ctx.counted
     saving = [p for p in forms if not compressor.dense_fallback
               or p.factorised_cost(p.min_ranks(), counted) < dense[counted]]

@@ -35,6 +35,7 @@ class PlanContext:
     """
 
     metric: str = "macs"  # the budget's metric ("macs" without a budget)
+    has_budget: bool = False  # forms compete only for a budget
     rank_multiple: int = 1
     dense_fallback: bool = True
 

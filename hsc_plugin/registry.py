@@ -35,12 +35,13 @@ PROJECT = "hsc_plugin"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-KINDS = ("compressor", "rank_selector", "partitioner", "clusterer")
+KINDS = ("compressor", "rank_selector", "partitioner", "clusterer", "block_factoriser")
 _BUILTIN_MODULES = (
     "hsc_plugin.compressors",
     "hsc_plugin.strategies.rank",
     "hsc_plugin.strategies.partition",
     "hsc_plugin.strategies.cluster",
+    "hsc_plugin.strategies.block",
 )
 
 
@@ -63,12 +64,18 @@ class HookSpecs:
     def hsc_clusterers(self) -> list[type]:
         """Channel clusterer classes (subclasses of ``hsc_plugin.ChannelClusterer``)."""
 
+    @hookspec
+    def hsc_block_factorisers(self) -> list[type]:
+        """Block factoriser classes (subclasses of ``hsc_plugin.BlockFactoriser``): how HSC factorises
+        one (region, cluster) block."""
+
 
 _HOOK_OF = {
     "compressor": "hsc_compressors",
     "rank_selector": "hsc_rank_selectors",
     "partitioner": "hsc_partitioners",
     "clusterer": "hsc_clusterers",
+    "block_factoriser": "hsc_block_factorisers",
 }
 
 

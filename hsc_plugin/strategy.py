@@ -4,16 +4,18 @@ partitioner or a channel clusterer. Built-ins live in ``hsc_plugin.strategies``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from hsc_plugin.plan import RankProblem
+from hsc_plugin.decomposition import Moment
+from hsc_plugin.plan import RankBlock, RankProblem
 from hsc_plugin.tiling import cell_edges
 
-__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "Strategy", "coactivation",
-           "balance_clusters"]
+__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "BlockFactoriser", "Block", "BlockFactors",
+           "Strategy", "coactivation", "balance_clusters"]
 
 
 class Strategy(ABC):
@@ -80,6 +82,57 @@ class ChannelClusterer(Strategy):
 
     @abstractmethod
     def cluster(self, coactivation: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Block:
+    """One (region, cluster) sub-problem of an HSC layer: approximate ``y_b = W_b * x_b`` over the
+    region's pixels, where ``W_b`` is the layer's weight restricted to the block's output channels
+    (output-side clusters) or input channels (input-side clusters)."""
+
+    weight: torch.Tensor  # (|out_b|, |in_b|, kh, kw), float64
+    output: Moment  # second moment of y_b over the region (|out_b| square, or a thin factor)
+    inputs: torch.Tensor | None = None  # per-pixel second moment of x_b over the region (|in_b| square)
+    label: str = ""
+
+
+class BlockFactors(ABC):
+    """A factorised block: its rank components (what a rank selector sees), the output energy any
+    ranks keep, and the factors at those ranks in one of the two structures the HSC layer runs.
+
+    ``structure = "svd"``: ``factors(ranks) = (reduce, expand)``, a k×k conv with ``k`` filters
+    (k, |in|, kh, kw) then a 1×1 back to the block's outputs (|out|, k). ``structure = "tucker2"``:
+    ``(first, core, expand)``: 1×1 (r_in, |in|) → k×k core (r_out, r_in, kh, kw) → 1×1 (|out|, r_out).
+    The first rank of a block may be 0 (the block is dropped: its outputs are the bias).
+    """
+
+    structure: ClassVar[str] = "svd"
+
+    def __init__(self, rank_blocks: list[RankBlock], total: float) -> None:
+        self.rank_blocks = rank_blocks
+        self.total = float(total)
+
+    def retained(self, ranks: list[int]) -> float:
+        """Output energy kept at these ranks (default: the kept components' energies add up)."""
+        return float(sum(b.energies[:r].sum() for r, b in zip(ranks, self.rank_blocks)))
+
+    @abstractmethod
+    def factors(self, ranks: list[int]) -> tuple[torch.Tensor, ...]: ...
+
+
+class BlockFactoriser(Strategy):
+    """Factorises one (region, cluster) block of an HSC layer (HSC's level 3).
+
+    ``needs_inputs``: whether :meth:`factorise` reads the block's input channel moment (then HSC
+    gathers per-region input statistics). With one region and one cluster, the built-in ``svd``
+    gives data-aware SVD and ``tucker2`` data-aware Tucker-2.
+    """
+
+    kind = "block_factoriser"
+    needs_inputs: ClassVar[bool] = False
+
+    @abstractmethod
+    def factorise(self, block: Block) -> BlockFactors: ...
 
 
 def coactivation(S: torch.Tensor) -> np.ndarray:

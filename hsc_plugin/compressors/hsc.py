@@ -29,10 +29,12 @@ from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import FINE_CELLS, CellStats, ClusterContributions
+from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
-from hsc_plugin.registry import create
-from hsc_plugin.strategy import ChannelClusterer, SpatialPartitioner, balance_clusters, coactivation
+from hsc_plugin.registry import available, create
+from hsc_plugin.strategy import (Block, BlockFactoriser, ChannelClusterer, SpatialPartitioner, balance_clusters,
+                                 coactivation)
 from hsc_plugin.tiling import Tiling
 
 __all__ = ["HSC", "HSCPlan", "CellStats", "coactivation", "balance_clusters"]
@@ -71,6 +73,7 @@ class HSC(Compressor):
         balanced: bool = False,
         cells: tuple[int, int] | int | None = None,
         min_region: int = 4,
+        block: str | BlockFactoriser = "svd",
         alternatives: bool = True,
         **options: Any,
     ) -> None:
@@ -96,6 +99,10 @@ class HSC(Compressor):
                                    **({"grid": grid} if grid is not None else {}))
         self._clusterer = create("clusterer", clusterer, ChannelClusterer,
                                  offered={"n_clusters": n_clusters, "seed": self.seed})
+        self.block = block
+        self._block = create("block_factoriser", block, BlockFactoriser, offered={"seed": self.seed})
+        if self.balanced and self._block.needs_inputs:
+            raise ValueError("balanced=True runs input clusters as one grouped conv of svd blocks; use block='svd'")
 
     def needs_calibration(self) -> bool:
         return True
@@ -104,31 +111,48 @@ class HSC(Compressor):
         out = super().options()
         out["partition"] = self._partitioner.config()
         out["clusterer"] = self._clusterer.config()
+        out["block"] = self._block.config()
         return out
 
     @staticmethod
     def _spatial(info: LayerInfo) -> bool:
         return isinstance(info.module, nn.Conv2d) and info.module.groups == 1
 
-    def _offers_alternatives(self, info: LayerInfo, context: PlanContext | None) -> bool:
-        metric = context.metric if context is not None else "macs"
-        return self.alternatives and metric == "latency" and self._spatial(info)
+    def _competes(self, info: LayerInfo, context: PlanContext | None) -> bool:
+        """Whether the layer's forms compete for the budget (HSC's level 4): with a budget, unless
+        ``alternatives=False``."""
+        return self.alternatives and context is not None and context.has_budget and self._spatial(info)
+
+    def _factorisers(self, competes: bool) -> list[BlockFactoriser]:
+        """The chosen block factoriser, and — when forms compete — every built-in one as well."""
+        if not competes:
+            return [self._block]
+        out = [self._block]
+        for name in ("svd", "tucker2"):
+            if name != self._block.name and name in available("block_factoriser"):
+                out.append(create("block_factoriser", name, BlockFactoriser))
+        return out
 
     def _grid(self, info: LayerInfo) -> tuple[int, int]:
         h, w = info.out_hw
         cells = self.cells if self.cells is not None else self._partitioner.statistics_grid(FINE_CELLS)
         return (max(1, min(cells[0], h)), max(1, min(cells[1], w)))
 
+    def _needs(self, info: LayerInfo, context: PlanContext | None) -> tuple[bool, bool]:
+        """(output cell moments, input cell moments) this layer's forms need."""
+        competes = self._competes(info, context)
+        out_moments = self.channel_side == "output" or self._partitioner.uses_moments or competes
+        inputs = self.channel_side == "input" or competes or self._block.needs_inputs
+        return out_moments, inputs
+
     def statistics_bytes(self, info: LayerInfo, context: PlanContext | None = None) -> int:
         m = info.module
         if not self._spatial(info):
             return 8 * (int(m.weight.shape[0]) ** 2 + 1)  # float64 moment and its count
         grid = self._grid(info)
-        if self.channel_side == "output":
-            return CellStats.nbytes(m.out_channels, grid)
-        svd = 8 * (m.out_channels**2 + 1) if self._offers_alternatives(info, context) else 0
-        return (CellStats.nbytes(m.out_channels, grid, self._partitioner.uses_moments)
-                + CellStats.nbytes(m.in_channels, grid) + svd)
+        out_moments, inputs = self._needs(info, context)
+        return (CellStats.nbytes(m.out_channels, grid, out_moments)
+                + (CellStats.nbytes(m.in_channels, grid) if inputs else 0))
 
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         m = info.module
@@ -136,15 +160,13 @@ class HSC(Compressor):
         if not self._spatial(info):
             return [OutputMoment(m.weight.shape[0], dev)]
         grid = self._grid(info)
-        if self.channel_side == "output":
-            return [CellStats(m.out_channels, grid, info.out_hw, "output", dev)]
-        # Input side: output moments only for partitioners that read them (the input clusters'
-        # own output statistics come in the second pass); the whole map's for the SVD form.
-        accs: list[Accumulator] = [
-            CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=self._partitioner.uses_moments),
-            CellStats(m.in_channels, grid, info.out_hw, "input", dev)]
-        if self._offers_alternatives(info, context):
-            accs.append(OutputMoment(m.out_channels, dev))
+        out_moments, inputs = self._needs(info, context)
+        # Output cell moments serve the partitioner, output clusters and every one-cluster form;
+        # input cell moments the input clusters and Tucker-2 blocks. The input clusters' own output
+        # statistics come in the second pass, once the clusters are known.
+        accs: list[Accumulator] = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
+        if inputs:
+            accs.append(CellStats(m.in_channels, grid, info.out_hw, "input", dev))
         return accs
 
     def _cluster(self, S: torch.Tensor) -> list[list[int]]:
@@ -163,7 +185,7 @@ class HSC(Compressor):
         inputs: CellStats = stats[1]  # type: ignore[assignment]
         clusters = [self._cluster(inputs.region(*reg)) for reg in tiling.regions]
         out = [ClusterContributions(info.module, tiling, clusters)]
-        if self._offers_alternatives(info, context) and tiling.n_regions > 1:
+        if self._competes(info, context) and tiling.n_regions > 1:  # one region, same kind of clusters
             whole = inputs.S.sum(dim=(0, 1))
             out.append(ClusterContributions(info.module, Tiling.full(tiling.grid), [self._cluster(whole)]))
         return out
@@ -172,31 +194,54 @@ class HSC(Compressor):
              context: PlanContext | None = None) -> LayerPlan | list[LayerPlan] | str:
         if not self._spatial(info):
             return SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
-        cells: CellStats = stats[0]  # type: ignore[assignment]
-        alternatives = self._offers_alternatives(info, context)
-        if self.channel_side == "input":
-            forms: list[LayerPlan] = [
-                HSCPlan(info, c.tiling, "input", c.clusters, c.moments(), tied=self.balanced)
-                for c in stats if isinstance(c, ClusterContributions)]
-            whole = next((a.S for a in stats if isinstance(a, OutputMoment)), None)
-        else:
-            tiling = self._partitioner.partition(cells)
-            forms = [self._output_plan(info, tiling, cells)]
-            whole = cells.S.sum(dim=(0, 1))
-            if alternatives and tiling.n_regions > 1:
-                forms.append(self._output_plan(info, Tiling.full(tiling.grid), cells))
-        if not alternatives:
-            return forms[0]
-        last = forms[-1]
-        if whole is not None and not (last.tiling.n_regions == 1 and all(len(c) == 1 for c in last.clusters)):
-            forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
+        outs: CellStats = stats[0]  # type: ignore[assignment]
+        ins = next((a for a in stats[1:] if isinstance(a, CellStats)), None)
+        contributions = [a for a in stats if isinstance(a, ClusterContributions)]
+        competes = self._competes(info, context)
+        tiling = contributions[0].tiling if contributions else self._partitioner.partition(outs)
+        forms: list[LayerPlan] = []
+        for fac in self._factorisers(competes):
+            primary = self._clustered(info, tiling, fac, outs, ins, contributions[:1])
+            if not competes:
+                return primary
+            forms.append(primary)
+            if tiling.n_regions > 1:
+                if self.channel_side == "input" and len(contributions) > 1:  # one region, same kind of clusters
+                    forms.append(self._blocks(info, contributions[1].tiling, fac, outs, ins, contributions[1], "input"))
+                elif self.channel_side == "output":
+                    forms.append(self._clustered(info, Tiling.full(tiling.grid), fac, outs, ins, []))
+                if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters
+                    forms.append(self._blocks(info, tiling, fac, outs, ins, None, "output"))
+        whole = outs.S.sum(dim=(0, 1))
+        forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
+        if info.module.kernel_size != (1, 1) and ins is not None:
+            forms.append(Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2"))
         return forms
 
-    def _output_plan(self, info: LayerInfo, tiling: Tiling, cells: CellStats) -> HSCPlan:
-        clusters, moments = [], []
-        for reg in tiling.regions:
-            S = cells.region(*reg)
-            cl = self._cluster(S)
+    def _clustered(self, info: LayerInfo, tiling: Tiling, fac: BlockFactoriser, outs: CellStats,
+                   ins: CellStats | None, contributions: list[ClusterContributions]) -> HSCPlan:
+        """The partitioner's regions with this side's channel clusters, blocks by ``fac``."""
+        if self.channel_side == "input":
+            return self._blocks(info, tiling, fac, outs, ins, contributions[0], "input")
+        return self._blocks(info, tiling, fac, outs, ins, None, "output", clustered=True)
+
+    def _blocks(self, info: LayerInfo, tiling: Tiling, fac: BlockFactoriser, outs: CellStats, ins: CellStats | None,
+                contributions: ClusterContributions | None, side: str, clustered: bool = False) -> HSCPlan:
+        """An HSC plan: per region, its clusters' blocks factorised by ``fac``."""
+        W = info.module.weight.detach().double()
+        clusters, factors = [], []
+        moments = contributions.moments() if contributions is not None else None
+        for r, reg in enumerate(tiling.regions):
+            S_in = ins.region(*reg) if ins is not None else None
+            if contributions is not None:  # input clusters
+                cl = contributions.clusters[r]
+                blocks = [Block(W[:, idx], moments[r][c], S_in[idx][:, idx] if S_in is not None else None, f"r{r}c{c}")
+                          for c, idx in enumerate(cl)]
+            else:  # output clusters (one cluster: the whole region)
+                S = outs.region(*reg)
+                cl = self._cluster(S) if clustered else [list(range(S.shape[0]))]
+                blocks = [Block(W[idx], Moment(matrix=S[idx][:, idx]), S_in, f"r{r}c{c}") for c, idx in enumerate(cl)]
             clusters.append(cl)
-            moments.append([Moment(matrix=S[idx][:, idx]) for idx in cl])
-        return HSCPlan(info, tiling, "output", clusters, moments)
+            factors.append([fac.factorise(b) for b in blocks])
+        tied = self.balanced and side == "input" and factors[0][0].structure == "svd"
+        return HSCPlan(info, tiling, side, clusters, factors, tied=tied)

@@ -36,7 +36,8 @@ class Tucker2Plan(LayerPlan):
     The cost couples them (the core costs R_in·R_out·k²), which the budget selector handles.
     """
 
-    def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None) -> None:
+    def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None, *,
+                 form: str = "") -> None:
         m: nn.Conv2d = info.module
         self.groups = m.groups
         W = m.weight.detach().double()
@@ -61,7 +62,7 @@ class Tucker2Plan(LayerPlan):
             RankBlock(e_out.cpu().numpy(), label="out", matrix=_unfold(self.weights[0], 0) if data_free else None),
             RankBlock(e_in.cpu().numpy(), label="in", matrix=_unfold(self.weights[0], 1) if data_free else None),
         ]
-        super().__init__(info, blocks, total_energy=1.0)
+        super().__init__(info, blocks, total_energy=1.0, form=form)
 
     def retained(self, ranks: list[int]) -> float:
         """Energy kept, modelled as the product of the two modes' kept fractions.
