@@ -21,3 +21,92 @@ def tiny_cnn() -> nn.Module:
         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
     )
+
+
+# -- the execution forms built from a dense conv, for tests of forms no compressor produces yet -----
+
+def quadtree_tiling() -> "Tiling":
+    """A quadtree-like tiling on a 4×4 cell grid: the top-left quadrant split in four, three quadrants whole."""
+    from hsc_plugin.tiling import Tiling
+
+    regions = ((0, 1, 0, 1), (0, 1, 1, 2), (1, 2, 0, 1), (1, 2, 1, 2), (0, 2, 2, 4), (2, 4, 0, 2), (2, 4, 2, 4))
+    tree = ("h", [("w", [("h", [("w", [0, 1]), ("w", [2, 3])]), 4]), ("w", [5, 6])])
+    return Tiling((4, 4), regions, tree)
+
+
+def conv_factors(W: torch.Tensor, rank: int, rank_in: int | None = None) -> tuple:
+    """``(first, core, expand)`` of a weight ``W`` (Co×Ci×kh×kw): truncated SVD when ``rank_in`` is
+    None (``first`` None, ``core`` rank×Ci×kh×kw), else Tucker-2 (``first`` rank_in×Ci), ``expand``
+    Co×rank. Exact when the ranks are full."""
+    from hsc_plugin.decomposition import tucker2
+
+    if rank_in is None:
+        U, S, Vh = torch.linalg.svd(W.double().reshape(W.shape[0], -1), full_matrices=False)
+        core = (S[:rank, None] * Vh[:rank]).reshape(rank, *W.shape[1:])
+        return None, core.to(W.dtype), U[:, :rank].to(W.dtype)
+    U, core, V = tucker2(W, rank, rank_in)
+    return V.T.to(W.dtype), core.to(W.dtype), U.to(W.dtype)
+
+
+@torch.no_grad()
+def regional_from_conv(conv: nn.Conv2d, tiling: "Tiling", rank: int, *, base: str = "svd",
+                       rank_in: int | None = None, jitter: float = 0.0, seed: int = 0) -> nn.Module:
+    """A :class:`RegionalExpansionConv2d` whose shared reduction is ``conv``'s SVD / Tucker-2 at the
+    given ranks; every region's 1×1 is the same factor plus ``jitter``·noise (so regions differ)."""
+    from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
+
+    w = conv.weight
+    m = RegionalExpansionConv2d(conv.in_channels, conv.out_channels, conv_geometry(conv), tiling, rank,
+                                base=base, rank_in=rank_in, bias=conv.bias is not None,
+                                device=w.device, dtype=w.dtype)
+    first, core, expand = conv_factors(w.detach(), rank, rank_in if base == "tucker2" else None)
+    if first is not None:
+        m.first.weight.copy_(first[:, :, None, None])
+    m.reduce.weight.copy_(core)
+    g = torch.Generator().manual_seed(seed)
+    for e in m.expands:
+        e.weight.copy_((expand + jitter * torch.randn(expand.shape, generator=g).to(expand))[:, :, None, None])
+        if conv.bias is not None:
+            e.bias.copy_(conv.bias)
+    return m.train(conv.training)
+
+
+@torch.no_grad()
+def set_block_bias(blk: nn.Module, bias: torch.Tensor | None) -> None:
+    """Give a :class:`RegionBlock` the conv's bias wherever it keeps one (expands, dropped, constant)."""
+    if bias is None:
+        return
+    if blk.total_rank == 0:
+        blk.const_bias.copy_(bias)
+    if blk.side == "input":
+        if len(blk.expands):
+            blk.expands[0].bias.copy_(bias)
+        return
+    for e, i in zip(blk.expands, blk.kept):
+        e.bias.copy_(bias[blk.clusters[i]])
+    if blk.n_dropped:
+        blk.dropped_bias.copy_(bias[blk.dropped])
+
+
+@torch.no_grad()
+def hsc_from_conv(conv: nn.Conv2d, tiling: "Tiling", side: str, region_clusters: list, region_ranks: list, *,
+                  block: str = "svd", region_ranks_in: list | None = None) -> nn.Module:
+    """A :class:`SpatioChannelConv2d` at the given ranks whose every (region, cluster) path is the
+    SVD / Tucker-2 of that cluster's slice of ``conv``'s weight (rows on the output side, input
+    channels on the input side): every region starts from the same factors."""
+    from hsc_plugin.modules import SpatioChannelConv2d, conv_geometry
+
+    w = conv.weight.detach()
+    m = SpatioChannelConv2d(conv.in_channels, conv.out_channels, conv_geometry(conv), tiling, side, region_clusters,
+                            region_ranks, bias=conv.bias is not None, device=w.device, dtype=w.dtype,
+                            block=block, region_ranks_in=region_ranks_in)
+    for blk in m.blocks:
+        for i, f in zip(blk.kept, blk.factors()):
+            sub = w[blk.clusters[i]] if side == "output" else w[:, blk.clusters[i]]
+            first, core, expand = conv_factors(sub, blk.ranks[i], blk.ranks_in[i] if block == "tucker2" else None)
+            if first is not None:
+                f["first"].copy_(first)
+            f["core"].copy_(core)
+            f["expand"].copy_(expand)
+        set_block_bias(blk, conv.bias)
+    return m.train(conv.training)

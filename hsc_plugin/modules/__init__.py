@@ -9,8 +9,9 @@ name), and where they apply ``from_spec()``, ``rank_layers()``, ``to_dense()`` a
 
 from hsc_plugin.modules.base import TYPES, FactorisedModule, conv_geometry
 from hsc_plugin.modules.low_rank import LowRankConv2d, LowRankLinear
+from hsc_plugin.modules.regional import RegionalExpansionConv2d
 from hsc_plugin.modules.spatio_channel import RegionBlock, SpatioChannelConv2d
 from hsc_plugin.modules.tucker2 import Tucker2Conv2d
 
 __all__ = ["FactorisedModule", "TYPES", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d",
-           "RegionBlock", "SpatioChannelConv2d", "conv_geometry"]
+           "RegionBlock", "SpatioChannelConv2d", "RegionalExpansionConv2d", "conv_geometry"]

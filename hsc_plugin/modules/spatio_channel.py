@@ -18,13 +18,21 @@ from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, outp
 __all__ = ["RegionBlock", "SpatioChannelConv2d"]
 
 class RegionBlock(nn.Module):
-    """One region's factorised conv, with its channel clusters.
+    """One region's factorised conv, with its channel clusters; each kept cluster is one path.
 
-    ``side="output"``: one k×k conv computes every cluster's filters (Ci → K), then a 1×1 per
-    output cluster maps its k_c filters back to its channels (a zero-rank cluster outputs its
-    bias). ``side="input"``: each input cluster's channels go through their own k×k conv
-    (|c| → k_c; one grouped conv when clusters and ranks are balanced), then one 1×1 maps the
+    ``block="svd"``. ``side="output"``: one k×k conv computes every cluster's filters (Ci → K),
+    then a 1×1 per output cluster maps its k_c filters back to its channels (a zero-rank cluster
+    outputs its bias). ``side="input"``: each input cluster's channels go through their own k×k
+    conv (|c| → k_c; one grouped conv when clusters and ranks are balanced), then one 1×1 maps the
     K = Σ k_c filters to all outputs — the block-term form.
+
+    ``block="tucker2"``: each kept cluster's path is a bias-free 1×1 ``firsts[n]`` (its input
+    channels → r_in_c; all C_in on the output side, the cluster's own on the input side), a k×k
+    core ``reduces[n]`` (r_in_c → r_out_c, the layer's geometry), then the same expansions as
+    ``svd``. Every path keeps its own convs (no merged 1×1): simple to fill and to prune, one launch
+    per cluster. A 1×1 without bias commutes with every padding mode, so the cores may pad.
+
+    :meth:`factors` gives every kept cluster's weights as writable views, whatever the layout.
     """
 
     speedup_incompatible = "a block of an HSC module (see SpatioChannelConv2d)"
@@ -40,15 +48,21 @@ class RegionBlock(nn.Module):
         bias: bool,
         device: Any = None,
         dtype: Any = None,
+        *,
+        block: str = "svd",
+        ranks_in: list[int] | None = None,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         geo = dict(geometry)
         self.side = side
+        self.block = block
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.clusters = [list(map(int, c)) for c in clusters]
         self.ranks = [int(r) for r in ranks]
+        self.ranks_in = [int(r) for r in ranks_in] if ranks_in is not None else []
+        _check_block(side, block, self.clusters, self.ranks, ranks_in)
         self.kernel_size = tuple(geo["kernel_size"])
         self.stride = tuple(geo["stride"])
         self.dilation = tuple(geo["dilation"])
@@ -57,8 +71,9 @@ class RegionBlock(nn.Module):
         self.pad4 = list(explicit_padding(self.padding, self.kernel_size, self.dilation))
         conv_kw = dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation,
                        padding=self.padding, padding_mode=self.padding_mode, bias=False, **kw)
-        kept = [i for i, r in enumerate(self.ranks) if r > 0]
+        self.kept = [i for i, r in enumerate(self.ranks) if r > 0]
         self.total_rank = sum(self.ranks)
+        self.firsts = nn.ModuleList()
         self.reduces = nn.ModuleList()
         self.expands = nn.ModuleList()
         self.slices: list[list[int]] = []
@@ -68,44 +83,60 @@ class RegionBlock(nn.Module):
         # Every attribute exists on both sides so that TorchScript compiles either branch.
         self.register_buffer("const_bias", torch.zeros(out_channels, **kw))
         if side == "input":
-            index = [ch for i in kept for ch in self.clusters[i]]
-            self.register_buffer("in_index", torch.tensor(index, dtype=torch.long, device=device), persistent=False)
-            sizes = [len(self.clusters[i]) for i in kept]
-            rks = [self.ranks[i] for i in kept]
-            if len(kept) > 1 and len(set(sizes)) == 1 and len(set(rks)) == 1:
-                self.reduces.append(nn.Conv2d(sum(sizes), sum(rks), groups=len(kept), **conv_kw))
-                self.slices.append([0, sum(sizes)])
-            else:
-                start = 0
-                for s, r in zip(sizes, rks):
-                    self.reduces.append(nn.Conv2d(s, r, **conv_kw))
-                    self.slices.append([start, start + s])
-                    start += s
-            if self.total_rank > 0:
-                self.expands.append(nn.Conv2d(self.total_rank, out_channels, 1, bias=bias, **kw))
-            self.register_buffer("out_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
-            self.register_buffer("dropped_bias", torch.zeros(0, **kw))
-        elif side == "output":
-            self.register_buffer("in_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
-            if self.total_rank > 0:
-                self.reduces.append(nn.Conv2d(in_channels, self.total_rank, **conv_kw))
-            start = 0
-            order: list[int] = []
-            for i in kept:
-                self.expands.append(nn.Conv2d(self.ranks[i], len(self.clusters[i]), 1, bias=bias, **kw))
-                self.slices.append([start, start + self.ranks[i]])
-                start += self.ranks[i]
-                order += self.clusters[i]
-            dropped = [ch for i, r in enumerate(self.ranks) if r == 0 for ch in self.clusters[i]]
-            order += dropped
-            self.n_dropped = len(dropped)
-            identity = order == list(range(out_channels))
-            inv = torch.argsort(torch.tensor(order, dtype=torch.long)) if not identity else torch.zeros(0, dtype=torch.long)
-            self.register_buffer("out_index", inv.to(device), persistent=False)
-            self.register_buffer("dropped_bias", torch.zeros(len(dropped), **kw))
-            self.dropped = dropped
+            self._build_input(conv_kw, kw)
         else:
-            raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
+            self._build_output(conv_kw, kw)
+
+    def _reduction(self, n_in: int, i: int, conv_kw: dict[str, Any], kw: dict[str, Any]) -> nn.Conv2d:
+        """Cluster ``i``'s k×k conv (after its 1×1 ``first`` when the block is tucker2)."""
+        if self.block == "tucker2":
+            self.firsts.append(nn.Conv2d(n_in, self.ranks_in[i], 1, bias=False, **kw))
+            n_in = self.ranks_in[i]
+        return nn.Conv2d(n_in, self.ranks[i], **conv_kw)
+
+    def _build_input(self, conv_kw: dict[str, Any], kw: dict[str, Any]) -> None:
+        device = kw["device"]
+        index = [ch for i in self.kept for ch in self.clusters[i]]
+        self.register_buffer("in_index", torch.tensor(index, dtype=torch.long, device=device), persistent=False)
+        sizes = [len(self.clusters[i]) for i in self.kept]
+        rks = [self.ranks[i] for i in self.kept]
+        if self.block == "svd" and len(self.kept) > 1 and len(set(sizes)) == 1 and len(set(rks)) == 1:
+            self.reduces.append(nn.Conv2d(sum(sizes), sum(rks), groups=len(self.kept), **conv_kw))
+            self.slices.append([0, sum(sizes)])
+        else:
+            start = 0
+            for i, s in zip(self.kept, sizes):
+                self.reduces.append(self._reduction(s, i, conv_kw, kw))
+                self.slices.append([start, start + s])
+                start += s
+        if self.total_rank > 0:
+            self.expands.append(nn.Conv2d(self.total_rank, self.out_channels, 1, bias=self.has_bias, **kw))
+        self.register_buffer("out_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("dropped_bias", torch.zeros(0, **kw))
+
+    def _build_output(self, conv_kw: dict[str, Any], kw: dict[str, Any]) -> None:
+        device = kw["device"]
+        self.register_buffer("in_index", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        if self.block == "tucker2":
+            for i in self.kept:
+                self.reduces.append(self._reduction(self.in_channels, i, conv_kw, kw))
+        elif self.total_rank > 0:
+            self.reduces.append(nn.Conv2d(self.in_channels, self.total_rank, **conv_kw))
+        start = 0
+        order: list[int] = []
+        for i in self.kept:
+            self.expands.append(nn.Conv2d(self.ranks[i], len(self.clusters[i]), 1, bias=self.has_bias, **kw))
+            self.slices.append([start, start + self.ranks[i]])
+            start += self.ranks[i]
+            order += self.clusters[i]
+        dropped = [ch for i, r in enumerate(self.ranks) if r == 0 for ch in self.clusters[i]]
+        order += dropped
+        self.n_dropped = len(dropped)
+        identity = order == list(range(self.out_channels))
+        inv = torch.argsort(torch.tensor(order, dtype=torch.long)) if not identity else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("out_index", inv.to(device), persistent=False)
+        self.register_buffer("dropped_bias", torch.zeros(len(dropped), **kw))
+        self.dropped = dropped
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         pt, pb, pl, pr = self.pad4[0], self.pad4[1], self.pad4[2], self.pad4[3]
@@ -115,29 +146,74 @@ class RegionBlock(nn.Module):
         return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.side == "input":
-            if self.total_rank == 0:
-                ho, wo = self.out_size(x.shape[2], x.shape[3])
-                return self.const_bias.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo)
-            xs = x.index_select(1, self.in_index)
-            zs = [conv(xs[:, self.slices[i][0]:self.slices[i][1]]) for i, conv in enumerate(self.reduces)]
-            z = zs[0] if len(zs) == 1 else torch.cat(zs, 1)
-            return self.expands[0](z)
-        # output side
         if self.total_rank == 0:
             ho, wo = self.out_size(x.shape[2], x.shape[3])
             return self.const_bias.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo)
-        z = self.reduces[0](x)
-        parts = [e(z[:, self.slices[i][0]:self.slices[i][1]]) for i, e in enumerate(self.expands)]
+        if self.side == "input":
+            xs = x.index_select(1, self.in_index)
+            if self.block == "tucker2":
+                zs = [core(first(xs[:, self.slices[i][0]:self.slices[i][1]]))
+                      for i, (first, core) in enumerate(zip(self.firsts, self.reduces))]
+            else:
+                zs = [conv(xs[:, self.slices[i][0]:self.slices[i][1]]) for i, conv in enumerate(self.reduces)]
+            z = zs[0] if len(zs) == 1 else torch.cat(zs, 1)
+            return self.expands[0](z)
+        # output side
+        if self.block == "tucker2":
+            parts = [e(core(first(x))) for first, core, e in zip(self.firsts, self.reduces, self.expands)]
+        else:
+            z = self.reduces[0](x)
+            parts = [e(z[:, self.slices[i][0]:self.slices[i][1]]) for i, e in enumerate(self.expands)]
+        y0 = parts[0]
         if self.n_dropped > 0:
-            parts.append(self.dropped_bias.view(1, -1, 1, 1).expand(z.shape[0], -1, z.shape[2], z.shape[3]))
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            parts.append(self.dropped_bias.view(1, -1, 1, 1).expand(y0.shape[0], -1, y0.shape[2], y0.shape[3]))
+        y = y0 if len(parts) == 1 else torch.cat(parts, 1)
         if self.out_index.numel() > 0:
             y = y.index_select(1, self.out_index)
         return y
 
+    def factors(self) -> list[dict[str, torch.Tensor | None]]:
+        """Per kept cluster (in ``self.kept`` order): ``first`` (r_in × its inputs, or None for svd),
+        ``core`` (r_out × inputs × kh × kw) and ``expand`` (its outputs × r_out: the cluster's
+        channels on the output side, all C_out on the input side) — views of the weights, so
+        ``copy_`` into them writes the block (how compressors fill it, and pruning reads it)."""
+        out: list[dict[str, torch.Tensor | None]] = []
+        offs = [0]
+        for i in self.kept:
+            offs.append(offs[-1] + self.ranks[i])
+        grouped = self.block == "svd" and (self.side == "output" or (len(self.reduces) == 1 and len(self.kept) > 1))
+        for n in range(len(self.kept)):
+            first = self.firsts[n].weight.detach()[:, :, 0, 0] if self.block == "tucker2" else None
+            red = self.reduces[0] if grouped else self.reduces[n]
+            core = red.weight.detach()[offs[n]:offs[n + 1]] if grouped else red.weight.detach()
+            if self.side == "output":
+                expand = self.expands[n].weight.detach()[:, :, 0, 0]
+            else:
+                expand = self.expands[0].weight.detach()[:, offs[n]:offs[n + 1], 0, 0]
+            out.append({"first": first, "core": core, "expand": expand})
+        return out
+
     def spec(self) -> dict[str, Any]:
-        return {"side": self.side, "clusters": self.clusters, "ranks": self.ranks}
+        out: dict[str, Any] = {"side": self.side, "clusters": self.clusters, "ranks": self.ranks}
+        if self.block != "svd":
+            out.update(block=self.block, ranks_in=self.ranks_in)
+        return out
+
+
+def _check_block(side: str, block: str, clusters: list[list[int]], ranks: list[int],
+                 ranks_in: list[int] | None) -> None:
+    if side not in ("input", "output"):
+        raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
+    if block not in ("svd", "tucker2"):
+        raise ValueError(f"block must be 'svd' or 'tucker2', got {block!r}")
+    if len(ranks) != len(clusters):
+        raise ValueError(f"{len(clusters)} clusters but {len(ranks)} ranks")
+    if block == "tucker2":
+        if ranks_in is None or len(ranks_in) != len(clusters):
+            raise ValueError(f"block='tucker2' needs ranks_in, one per cluster ({len(clusters)}), got {ranks_in!r}")
+        bad = [c for c, (r, q) in enumerate(zip(ranks, ranks_in)) if r > 0 and int(q) < 1]
+        if bad:
+            raise ValueError(f"block='tucker2': kept clusters {bad} have input rank 0 (drop them with rank 0)")
 
 
 class SpatioChannelConv2d(FactorisedModule, nn.Module):
@@ -148,6 +224,8 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     rows/columns plus the kernel's halo) and runs its block without padding, and the outputs are
     assembled by ``torch.cat`` following the tiling's tree. No dense equivalent is kept (``to_dense``
     is None) and its ranks need no protection from torch-pruning: the module is pruned as one layer.
+    ``block`` (``"svd"`` or ``"tucker2"``, with ``region_ranks_in``: r_in per region and cluster)
+    is how every (region, cluster) block is factorised (:class:`RegionBlock`).
     """
 
     speedup_incompatible = (
@@ -168,8 +246,14 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         bias: bool = True,
         device: Any = None,
         dtype: Any = None,
+        *,
+        block: str = "svd",
+        region_ranks_in: list[list[int]] | None = None,
     ) -> None:
         super().__init__()
+        if region_ranks_in is not None and len(region_ranks_in) != len(region_ranks):
+            raise ValueError(f"{len(region_ranks)} regions but {len(region_ranks_in)} lists of input ranks")
+        self.block = block
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.geometry = dict(geometry)
@@ -186,13 +270,17 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         if not self.single:
             geo["padding"] = (0, 0)
             geo["padding_mode"] = "zeros"
+        ins = region_ranks_in if region_ranks_in is not None else [None] * len(region_ranks)
         self.blocks = nn.ModuleList(
-            RegionBlock(in_channels, out_channels, geo, side, c, r, bias, device=device, dtype=dtype)
-            for c, r in zip(region_clusters, region_ranks)
+            RegionBlock(in_channels, out_channels, geo, side, c, r, bias, device=device, dtype=dtype,
+                        block=block, ranks_in=q)
+            for c, r, q in zip(region_clusters, region_ranks, ins)
         )
         self.grid = list(tiling.grid)
         self.regions = [list(r) for r in tiling.regions]
-        self.program = tiling.program()
+        # One region has no concatenation; a step that is never run (forward returns first) gives
+        # TorchScript the list's element type, which it cannot infer from an empty list.
+        self.program = tiling.program() or [(2, [0])]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.single:
@@ -214,7 +302,7 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         return slots[-1]
 
     def spec(self) -> dict[str, Any]:
-        return {
+        out = {
             "type": "SpatioChannelConv2d",
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -225,6 +313,9 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
             "region_ranks": [b.ranks for b in self.blocks],
             "bias": self.blocks[0].has_bias,
         }
+        if self.block != "svd":  # only then: specs saved before Tucker-2 blocks load unchanged
+            out.update(block=self.block, region_ranks_in=[b.ranks_in for b in self.blocks])
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], **kw: Any) -> "SpatioChannelConv2d":
