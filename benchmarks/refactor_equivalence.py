@@ -26,6 +26,10 @@ import torch
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("hsc", "hsc", {}),
+    ("hsc_output", "hsc", {"channel_side": "output"}),
+    ("hsc_quadtree_balanced", "hsc", {"partition": "quadtree", "balanced": True}),
+    ("hsc_params", "hsc", {"budget": "params=3x"}),
+    ("tucker2_da_params", "tucker2", {"data_aware": True, "budget": "params=3x"}),
     ("global_svd", "global_svd", {}),
     ("global_svd_da", "global_svd", {"data_aware": True}),
     ("tucker2", "tucker2", {}),
@@ -69,7 +73,9 @@ def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
     out = {}
     for mname, (model, x) in _models().items():
         for cname, method, opts in CASES:
-            res = compress(model, method, calib=x, budget="3x", progress=False, seed=0, **opts)
+            opts = dict(opts)
+            budget = opts.pop("budget", "3x")
+            res = compress(model, method, calib=x, budget=budget, progress=False, seed=0, **opts)
             sd = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
             rep = _clean(json.loads(json.dumps(res.report.to_dict(), default=str)))
             out[f"{mname}/{cname}"] = (sd, rep)

@@ -20,7 +20,7 @@ from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
 from hsc_plugin.report import CompressionResult, LayerReport, Report
 from hsc_plugin.serialization import load, save
-from hsc_plugin.strategy import ChannelClusterer, RankSelector, SpatialPartitioner
+from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors, ChannelClusterer, RankSelector, SpatialPartitioner
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,9 @@ __all__ = [
     "RankSelector",
     "SpatialPartitioner",
     "ChannelClusterer",
+    "BlockFactoriser",
+    "BlockFactors",
+    "Block",
     "hookimpl",
     "list_plugins",
     "finetune",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -109,6 +109,12 @@ class LayerInfo:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     calls: int = 1
+    macs: int = 0  # the dense layer's MACs per sample and parameters, as the pipeline counted them
+    params: int = 0
+
+    def dense_cost(self) -> dict[str, float]:
+        """The dense layer's cost in every counted metric."""
+        return {"macs": float(self.macs), "params": float(self.params)}
 
     @property
     def in_hw(self) -> tuple[int, int]:
@@ -245,44 +251,31 @@ def _all_reduce(accs: Iterable[Accumulator], n: int, device: torch.device) -> in
     return int(count.item())
 
 
-@torch.no_grad()
-def run_calibration(
-    model: nn.Module,
-    accumulators: Mapping[str, Sequence[Accumulator]],
-    calib: Any,
-    *,
-    progress: bool | None = None,
-    desc: str = "calibration",
-    stop_early: bool = False,
-) -> int:
-    """Forward all calibration batches, feeding every layer's accumulators; returns #samples.
+Hook = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
 
-    The model must be in eval mode (batch norm must use its running statistics). With
-    ``stop_early`` each forward is cut short once every hooked layer has seen its batch (each is
-    called once per forward): calibrating the early layers of a big model costs only the early
-    part of the forward pass.
+
+def _stream(model: nn.Module, hooks: Mapping[str, Hook], calib: Any, *, progress: bool | None, desc: str,
+            stop_early: bool = False) -> int:
+    """The one calibration loop: every batch of ``calib`` through ``model`` with ``hooks[name](module,
+    input, output)`` on the named layers; returns the number of samples.
+
+    With ``stop_early`` each forward is cut short once every hooked layer has seen its batch (each is
+    called once per forward): calibrating the early layers of a big model costs only the early part
+    of the forward pass.
     """
     modules = dict(model.named_modules())
-    handles = []
     pending: set[str] = set()
-    hooked = {name for name, accs in accumulators.items() if accs}
 
-    def make_hook(name: str):
-        accs = accumulators[name]
-
+    def make_hook(name: str, fn: Hook):
         def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            y = _pre_bias(mod, out)
-            for acc in accs:
-                acc.update(inp[0], y)
+            fn(mod, inp[0], out)
             pending.discard(name)
             if stop_early and not pending:  # every hooked layer has its batch: skip the rest
                 raise _StopForward
 
         return hook
 
-    for name, accs in accumulators.items():
-        if accs:
-            handles.append(modules[name].register_forward_hook(make_hook(name)))
+    handles = [modules[n].register_forward_hook(make_hook(n, fn)) for n, fn in hooks.items()]
     n = 0
     ref: torch.Tensor | None = None
     param = next(model.parameters(), None)
@@ -295,7 +288,7 @@ def run_calibration(
             ref = x if ref is None else ref
             if param is not None and x.dtype != param.dtype:
                 x = x.to(param.dtype)
-            pending.update(hooked)
+            pending.update(hooks)
             try:
                 _forward(model, x.to(device))
             except _StopForward:
@@ -304,6 +297,37 @@ def run_calibration(
     finally:
         for h in handles:
             h.remove()
+    return n
+
+
+@torch.no_grad()
+def run_calibration(
+    model: nn.Module,
+    accumulators: Mapping[str, Sequence[Accumulator]],
+    calib: Any,
+    *,
+    progress: bool | None = None,
+    desc: str = "calibration",
+    stop_early: bool = False,
+) -> int:
+    """Forward all calibration batches, feeding every layer's accumulators with (input, pre-bias
+    output); returns #samples (summed over processes under torch.distributed).
+
+    The model must be in eval mode (batch norm must use its running statistics). ``stop_early``:
+    see :func:`_stream`.
+    """
+    def feed(accs: Sequence[Accumulator]) -> Hook:
+        def hook(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+            y = _pre_bias(mod, out)
+            for acc in accs:
+                acc.update(x, y)
+
+        return hook
+
+    hooks = {name: feed(accs) for name, accs in accumulators.items() if accs}
+    n = _stream(model, hooks, calib, progress=progress, desc=desc, stop_early=stop_early)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     n = _all_reduce((a for accs in accumulators.values() for a in accs), n, device)
     for name, accs in accumulators.items():  # model order: the first layer named is where it starts
         # A sum is non-finite iff some entry is (short of 1e308 overflow), without a mask the size
@@ -324,30 +348,13 @@ def measure_errors(work: nn.Module, new_modules: dict[str, nn.Module], calib: An
     if not new_modules:
         return {}
     sums = {n: [0.0, 0.0] for n in new_modules}
-    handles = []
 
-    def make_hook(name: str, new: nn.Module):
-        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            approx = new(inp[0])
-            sums[name][0] += float((approx - out).double().pow(2).sum())
-            b = getattr(mod, "bias", None)
-            ref = out if b is None else out - (b.view(1, -1, 1, 1) if out.dim() == 4 else b)
-            sums[name][1] += float(ref.double().pow(2).sum())
+    def compare(name: str, new: nn.Module) -> Hook:
+        def hook(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+            sums[name][0] += float((new(x) - out).double().pow(2).sum())
+            sums[name][1] += float(_pre_bias(mod, out).double().pow(2).sum())
 
         return hook
 
-    mods = dict(work.named_modules())
-    for n, m in new_modules.items():
-        handles.append(mods[n].register_forward_hook(make_hook(n, m)))
-    param = next(work.parameters())
-    try:
-        ref: torch.Tensor | None = None
-        for x in tqdm(iter_batches(calib), desc=desc, unit="batch", leave=False,
-                      disable=not progress_enabled(progress)):
-            check_batch(x, ref)
-            ref = x if ref is None else ref
-            work(x.to(device=param.device, dtype=param.dtype))
-    finally:
-        for h in handles:
-            h.remove()
+    _stream(work, {n: compare(n, m) for n, m in new_modules.items()}, calib, progress=progress, desc=desc)
     return {n: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for n, s in sums.items()}

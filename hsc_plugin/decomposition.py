@@ -23,6 +23,7 @@ __all__ = [
     "sqrtm_psd",
     "tucker2",
     "evbmf_rank",
+    "Moment",
 ]
 
 
@@ -58,6 +59,21 @@ def sym_eig_desc(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     evals = evals.flip(0).clamp_min(0.0)
     evecs = evecs.flip(1)
     return evals, evecs
+
+
+class Moment:
+    """A PSD second moment, given as the matrix ``S`` or as a thin factor ``F`` with ``S = F Fᵀ``."""
+
+    def __init__(self, matrix: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> None:
+        self.matrix, self.factor = matrix, factor
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues descending and their eigenvectors (only the possibly non-zero ones for a factor)."""
+        return sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
+
+    def full(self) -> torch.Tensor:
+        """The moment as a matrix."""
+        return self.matrix if self.factor is None else self.factor @ self.factor.T
 
 
 def truncated_svd(M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,9 +15,9 @@ forms of a layer are compared on the same scale the selector uses across layers.
 
 from __future__ import annotations
 
-import heapq
 import math
 
+from hsc_plugin.greedy import greedy
 from hsc_plugin.plan import LayerPlan
 
 __all__ = ["frontier", "choose_forms"]
@@ -27,43 +27,33 @@ def frontier(plan: LayerPlan, metric: str, points: int = 32) -> list[tuple[float
     """(cost, normalised error) along a greedy path of ``plan`` from its minimum ranks to dense.
 
     Each move adds about ``1/points`` of a block's full rank to the block with the most error
-    removed per unit of cost (or jumps to the dense layer where that is cheaper), as
-    :func:`greedy_fill` does one unit at a time; scores are re-evaluated lazily (a popped move is
-    re-scored and taken only if it still beats the next best), so a layer of many blocks costs
-    about ``points × blocks`` evaluations instead of ``(rank units) × blocks``.
+    removed per unit of cost (or jumps to the dense layer where that is cheaper), as the budget
+    selector does one unit at a time; scores are re-evaluated lazily (:func:`hsc_plugin.greedy.greedy`),
+    so a layer of many blocks costs about ``points × blocks`` evaluations instead of
+    ``(rank units) × blocks``.
     """
     ranks = plan.min_ranks()
     cost = plan.cost(ranks, metric)
     path = [(cost, plan.discarded(ranks))]
     units = [max(b.step, math.ceil(b.max_rank / max(1, points))) for b in plan.blocks]
 
-    def scored(j: int) -> tuple[float, list[int]] | None:
+    def propose(j: int) -> float | None:
+        if plan.is_dense(ranks):
+            return None
         new = plan.next_ranks(ranks, j, metric, units[j])
         if new is None:
             return None
         dc = plan.cost(new, metric) - cost
-        return (plan.gain(ranks, new) / dc if dc > 0 else math.inf), new
+        return plan.gain(ranks, new) / dc if dc > 0 else math.inf
 
-    heap: list[tuple[float, int]] = []
-    for j in range(len(plan.blocks)):
-        s = scored(j)
-        if s is not None:
-            heap.append((-s[0], j))
-    heapq.heapify(heap)
-    while heap and not plan.is_dense(ranks):
-        _, j = heapq.heappop(heap)
-        s = scored(j)  # the layer moved since this score was taken
-        if s is None:
-            continue
-        if heap and -heap[0][0] > s[0]:
-            heapq.heappush(heap, (-s[0], j))  # no longer the best: back in line
-            continue
-        ranks = s[1]
+    def accept(j: int) -> bool:
+        nonlocal ranks, cost
+        ranks = plan.next_ranks(ranks, j, metric, units[j]) or ranks
         cost = plan.cost(ranks, metric)
         path.append((cost, plan.discarded(ranks)))
-        nxt = scored(j)
-        if nxt is not None:
-            heapq.heappush(heap, (-nxt[0], j))
+        return True
+
+    greedy(range(len(plan.blocks)), propose, accept, lazy=True, by_key=True)
     return path
 
 
@@ -103,23 +93,23 @@ def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float
         hulls.append(_lower_hull(pts))
     at = [0] * len(hulls)
     total = sum(h[0][0] for h in hulls)
-    heap: list[tuple[float, int]] = []
 
-    def push(i: int) -> None:
+    def propose(i: int) -> float | None:  # the next step along layer i's envelope
         h, k = hulls[i], at[i]
-        if k + 1 < len(h):
-            dc, de = h[k + 1][0] - h[k][0], h[k][1] - h[k + 1][1]
-            heapq.heappush(heap, (-(de / dc if dc > 0 else math.inf), i))
+        if k + 1 >= len(h):
+            return None
+        dc, de = h[k + 1][0] - h[k][0], h[k][1] - h[k + 1][1]
+        return de / dc if dc > 0 else math.inf
 
-    for i in range(len(hulls)):
-        push(i)
-    while heap:
-        _, i = heapq.heappop(heap)
+    def accept(i: int) -> bool:
+        nonlocal total
         h, k = hulls[i], at[i]
         step = h[k + 1][0] - h[k][0]
         if total + step > target:
-            continue  # the rest of this layer's envelope costs more per step: it stays here
+            return False  # the rest of this layer's envelope costs more per step: it stays here
         total += step
         at[i] = k + 1
-        push(i)
+        return True
+
+    greedy(range(len(hulls)), propose, accept, by_key=True)
     return [h[k][2] for h, k in zip(hulls, at)]

@@ -11,6 +11,8 @@ mode), HSC one block per (region, cluster).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +22,40 @@ from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
 
-__all__ = ["RankBlock", "LayerPlan", "RankProblem"]
+__all__ = ["RankBlock", "LayerPlan", "RankProblem", "PlanContext"]
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What one ``compress()`` call decided, handed to a compressor's ``statistics`` and ``plan``.
+
+    A compressor object holds only its options; everything that depends on the call (the budget's
+    metric, rank rounding, whether a layer may stay dense) travels here, so one compressor can run
+    several compressions, even at once.
+    """
+
+    metric: str = "macs"  # the budget's metric ("macs" without a budget)
+    has_budget: bool = False  # forms compete only for a budget
+    rank_multiple: int = 1
+    dense_fallback: bool = True
+
+    @property
+    def counted(self) -> str:
+        """The metric a plan can count without timing (latency budgets start from MACs)."""
+        return "macs" if self.metric == "latency" else self.metric
+
+
+_CONTEXT: ContextVar[PlanContext] = ContextVar("hsc_plan_context", default=PlanContext())
+
+
+@contextmanager
+def planning(context: PlanContext):
+    """Plans created inside (by any compressor, built-in or not) take ``context`` by default."""
+    token = _CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _CONTEXT.reset(token)
 
 
 @dataclass
@@ -60,19 +95,26 @@ class LayerPlan(ABC):
     never more expensive than the factorised form at full rank).
     """
 
-    def __init__(self, info: LayerInfo, blocks: list[RankBlock], dense_cost: dict[str, float],
-                 total_energy: float | None = None) -> None:
+    def __init__(self, info: LayerInfo, blocks: list[RankBlock], dense_cost: dict[str, float] | None = None,
+                 total_energy: float | None = None, *, context: PlanContext | None = None, note: str = "",
+                 form: str = "") -> None:
+        ctx = context if context is not None else _CONTEXT.get()
         self.info = info
         self.name = info.name
         self.blocks = blocks
-        self.dense_cost = dense_cost
+        # What the dense layer costs: counted by the pipeline when it traced the layer.
+        self.dense_cost = dict(dense_cost) if dense_cost else info.dense_cost()
         self.total_energy = total_energy if total_energy is not None else sum(b.total for b in blocks)
-        self.dense_fallback = True
+        self.dense_fallback = ctx.dense_fallback
+        for b in blocks:  # ranks rounded to the call's multiple; droppable blocks (rank 0) stay droppable
+            b.step = max(b.step, ctx.rank_multiple)
+            if b.min_rank > 0:
+                b.min_rank = min(max(b.min_rank, ctx.rank_multiple), b.max_rank)
         # Costs measured rather than counted (e.g. "latency" from a LatencyCostModel): metric →
-        # function of the ranks. The compressor fills this; subclasses need not know about it.
+        # function of the ranks, attached by the pipeline's timing stage.
         self.measured_costs: dict[str, Callable[[list[int]], float]] = {}
-        self.note = ""  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
-        self.form = ""  # which of a layer's alternative forms this is (see hsc_plugin.forms)
+        self.note = note  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
+        self.form = form  # which of a layer's alternative forms this is (see hsc_plugin.forms)
 
     # -- costs -------------------------------------------------------------------------------
     @abstractmethod
@@ -154,7 +196,8 @@ class RankProblem:
     plans: list[LayerPlan]
     metric: str = "macs"
     target: float | None = None  # allowed total cost of the plans' layers; None = no budget
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # free-form extras for third-party selectors
+    upper_bound: bool = False  # the target is a ceiling (milliseconds): never step over it
 
     def cost(self, ranks: list[list[int]]) -> float:
         return sum(p.cost(r, self.metric) for p, r in zip(self.plans, ranks))

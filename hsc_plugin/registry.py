@@ -35,12 +35,13 @@ PROJECT = "hsc_plugin"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-KINDS = ("compressor", "rank_selector", "partitioner", "clusterer")
+KINDS = ("compressor", "rank_selector", "partitioner", "clusterer", "block_factoriser")
 _BUILTIN_MODULES = (
     "hsc_plugin.compressors",
     "hsc_plugin.strategies.rank",
     "hsc_plugin.strategies.partition",
     "hsc_plugin.strategies.cluster",
+    "hsc_plugin.strategies.block",
 )
 
 
@@ -63,12 +64,18 @@ class HookSpecs:
     def hsc_clusterers(self) -> list[type]:
         """Channel clusterer classes (subclasses of ``hsc_plugin.ChannelClusterer``)."""
 
+    @hookspec
+    def hsc_block_factorisers(self) -> list[type]:
+        """Block factoriser classes (subclasses of ``hsc_plugin.BlockFactoriser``): how HSC factorises
+        one (region, cluster) block."""
+
 
 _HOOK_OF = {
     "compressor": "hsc_compressors",
     "rank_selector": "hsc_rank_selectors",
     "partitioner": "hsc_partitioners",
     "clusterer": "hsc_clusterers",
+    "block_factoriser": "hsc_block_factorisers",
 }
 
 
@@ -151,8 +158,23 @@ def lookup(kind: str, name: str) -> type:
     )
 
 
-def create(kind: str, spec: Any, base: type, **options: Any) -> Any:
-    """Instantiate a strategy from a name (with options) or pass an instance through."""
+def _option_names(cls: Any) -> list[str]:
+    """The keyword options a strategy or compressor class declares (its ``__init__`` parameters)."""
+    import inspect
+
+    if hasattr(cls, "option_names"):
+        return list(cls.option_names())
+    return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+
+
+def create(kind: str, spec: Any, base: type, *, offered: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Instantiate a strategy from a name (with options) or pass an instance through.
+
+    ``options`` must all be taken by the class (an error names the ones it accepts); ``offered``
+    options are forwarded only to a class that declares them — how a compressor hands its own
+    options (``min_region``, ``n_clusters``, ``seed`` …) to whichever strategy, built-in or
+    third-party, asks for them by name.
+    """
     if isinstance(spec, base):
         if options:
             raise ValueError(
@@ -166,15 +188,12 @@ def create(kind: str, spec: Any, base: type, **options: Any) -> Any:
         cls = lookup(kind, spec)
     else:
         raise TypeError(f"A {kind.replace('_', ' ')} must be a name or a {base.__name__}, got {spec!r}")
+    params = _option_names(cls)
+    kwargs = {k: v for k, v in (offered or {}).items() if k in params and k not in options}
+    kwargs.update(options)
     try:
-        return cls(**options)
+        return cls(**kwargs)
     except TypeError as exc:
-        import inspect
-
-        if hasattr(cls, "option_names"):
-            params = cls.option_names()
-        else:
-            params = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         bad = sorted(set(options) - set(params))
         if bad:
             raise ValueError(

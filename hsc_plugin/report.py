@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-__all__ = ["LayerReport", "Report", "CompressionResult"]
+if TYPE_CHECKING:
+    from hsc_plugin.allocation import Allocation
+    from hsc_plugin.budget import Budget
+    from hsc_plugin.compressors.base import Compressor
+    from hsc_plugin.costs import ModelCost
+    from hsc_plugin.pipeline import Prepared
+
+__all__ = ["LayerReport", "Report", "CompressionResult", "layer_report", "build_report", "check_budget"]
 
 
 @dataclass
@@ -136,3 +144,89 @@ def layer_report(name: str, module: nn.Module, status: str, reason: str, macs: i
     params = count_params(module)
     return LayerReport(name=name, type=type(module).__name__, status=status, reason=reason,
                        macs_before=macs, macs_after=macs, params_before=params, params_after=params)
+
+
+def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", errors: dict[str, float],
+                       after: "ModelCost") -> LayerReport:
+    """The report of a planned layer: its ranks, form, errors and costs after."""
+    from hsc_plugin.costs import count_params
+
+    dense = plan.is_dense(ranks)
+    reason = ("factorising at the selected rank would not save cost" if dense
+              else "at its minimum rank, predicted error > 0.5: the budget left no room" if plan.name in alloc.floored
+              else "")
+    rep = layer_report(plan.name, plan.info.module, "dense" if dense else "factorised", reason,
+                       int(plan.dense_cost["macs"]))
+    rep.predicted_error = plan.predicted_error(ranks)
+    rep.error = errors.get(plan.name, 0.0 if dense else None)
+    rep.details = plan.describe(ranks)
+    if not dense:
+        new = alloc.modules[plan.name]
+        rep.ranks = {b.label or str(i): int(k) for i, (b, k) in enumerate(zip(plan.blocks, ranks))}
+        if plan.form:
+            rep.details["form"] = plan.form
+        rep.module = type(new).__name__
+        rep.macs_after = int(after.module_macs.get(plan.name, 0))
+        rep.params_after = count_params(new)
+    return rep
+
+
+def _achieved(prep: "Prepared", alloc: "Allocation", after: "ModelCost",
+              latency: dict[str, Any] | None) -> tuple[float | None, bool | None, float | None]:
+    """(ratio achieved, budget met, cost after) in the budget's metric and scope."""
+    from hsc_plugin.allocation import module_cost
+
+    budget, metric, base_ref = prep.budget, prep.context.metric, alloc.base_ref
+    if budget is None:
+        return None, None, None
+    if metric == "latency":  # as the cost model predicts it; the measured time is reported
+        assert latency is not None
+        after_ref = base_ref - sum(p.dense_cost[metric] - p.cost(r, metric) for p, r in zip(alloc.plans, alloc.ranks))
+        latency["predicted_after_ms"] = after_ref if budget.scope == "model" else None
+    elif budget.scope == "model":
+        after_ref = float(after.of(metric))
+    else:
+        modules = dict(prep.work.named_modules())
+        after_ref = float(sum(module_cost(after, modules[n], n, metric) for n in prep.target_names))
+    return base_ref / max(after_ref, 1e-12), budget.met(base_ref, after_ref), after_ref
+
+
+def build_report(compressor: "Compressor", prep: "Prepared", alloc: "Allocation", errors: dict[str, float],
+                 after: "ModelCost", n_samples: int, latency: dict[str, Any] | None) -> Report:
+    """The whole report: every targeted layer in model order, costs before and after, the budget."""
+    from hsc_plugin.plan_timing import points
+
+    reports = dict(prep.reports)
+    for p, r in zip(alloc.plans, alloc.ranks):
+        reports[p.name] = _factorised_report(p, r, alloc, errors, after)
+    achieved, met, _ = _achieved(prep, alloc, after, latency)
+    if latency is not None:
+        for p in alloc.plans:
+            entry = latency["layers"].get(p.name)
+            if entry is not None and "forms" in entry:
+                entry["form"], entry["curve_macs_ms"] = p.form, points(p)
+    order = {n: i for i, (n, _) in enumerate(prep.model.named_modules())}
+    report = Report(
+        method=compressor.name, options=compressor.options(),
+        layers=sorted(reports.values(), key=lambda L: order.get(L.name, math.inf)),
+        macs_before=prep.before.macs, macs_after=after.macs,
+        params_before=prep.before.params, params_after=after.params,
+        budget=prep.budget.to_dict() if prep.budget is not None else None,
+        achieved_ratio=achieved, budget_met=met, calibration_samples=n_samples,
+        input_shape=list(prep.example.shape[1:]), latency=latency,
+    )
+    return report
+
+
+def check_budget(name: str, report: Report, budget: "Budget | None", base_ref: float) -> None:
+    """Raise :class:`~hsc_plugin.budget.BudgetError` when the budget was not met within tolerance."""
+    from hsc_plugin.budget import BudgetError
+
+    if budget is None or report.budget_met:
+        return
+    achieved = report.achieved_ratio or 0.0
+    got = f"{base_ref / max(achieved, 1e-12):.3f} ms" if budget.ms is not None else f"{achieved:.3f}x"
+    raise BudgetError(
+        f"{name} reached {got} instead of {budget.describe()} "
+        f"(tolerance {budget.tolerance:.0%}); layers are too coarse for this budget"
+    )

@@ -4,13 +4,18 @@ partitioner or a channel clusterer. Built-ins live in ``hsc_plugin.strategies``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from hsc_plugin.plan import RankProblem
+from hsc_plugin.decomposition import Moment
+from hsc_plugin.plan import RankBlock, RankProblem
+from hsc_plugin.tiling import cell_edges
 
-__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "Strategy"]
+__all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "BlockFactoriser", "Block", "BlockFactors",
+           "Strategy", "coactivation", "balance_clusters"]
 
 
 class Strategy(ABC):
@@ -22,6 +27,20 @@ class Strategy(ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this strategy takes (keyword parameters of ``__init__``), so a compressor can
+        forward its own options of the same names (see :func:`hsc_plugin.registry.create`)."""
+        import inspect
+
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and klass is not object:
+                for p in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names:
+                        names.append(p.name)
+        return names
 
     def config(self) -> dict[str, Any]:
         """JSON-safe description, for reports."""
@@ -63,3 +82,76 @@ class ChannelClusterer(Strategy):
 
     @abstractmethod
     def cluster(self, coactivation: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Block:
+    """One (region, cluster) sub-problem of an HSC layer: approximate ``y_b = W_b * x_b`` over the
+    region's pixels, where ``W_b`` is the layer's weight restricted to the block's output channels
+    (output-side clusters) or input channels (input-side clusters)."""
+
+    weight: torch.Tensor  # (|out_b|, |in_b|, kh, kw), float64
+    output: Moment  # second moment of y_b over the region (|out_b| square, or a thin factor)
+    inputs: torch.Tensor | None = None  # per-pixel second moment of x_b over the region (|in_b| square)
+    label: str = ""
+
+
+class BlockFactors(ABC):
+    """A factorised block: its rank components (what a rank selector sees), the output energy any
+    ranks keep, and the factors at those ranks in one of the two structures the HSC layer runs.
+
+    ``structure = "svd"``: ``factors(ranks) = (reduce, expand)``, a k×k conv with ``k`` filters
+    (k, |in|, kh, kw) then a 1×1 back to the block's outputs (|out|, k). ``structure = "tucker2"``:
+    ``(first, core, expand)``: 1×1 (r_in, |in|) → k×k core (r_out, r_in, kh, kw) → 1×1 (|out|, r_out).
+    The first rank of a block may be 0 (the block is dropped: its outputs are the bias).
+    """
+
+    structure: ClassVar[str] = "svd"
+
+    def __init__(self, rank_blocks: list[RankBlock], total: float) -> None:
+        self.rank_blocks = rank_blocks
+        self.total = float(total)
+
+    def retained(self, ranks: list[int]) -> float:
+        """Output energy kept at these ranks (default: the kept components' energies add up)."""
+        return float(sum(b.energies[:r].sum() for r, b in zip(ranks, self.rank_blocks)))
+
+    @abstractmethod
+    def factors(self, ranks: list[int]) -> tuple[torch.Tensor, ...]: ...
+
+
+class BlockFactoriser(Strategy):
+    """Factorises one (region, cluster) block of an HSC layer (HSC's level 3).
+
+    ``needs_inputs``: whether :meth:`factorise` reads the block's input channel moment (then HSC
+    gathers per-region input statistics). With one region and one cluster, the built-in ``svd``
+    gives data-aware SVD and ``tucker2`` data-aware Tucker-2.
+    """
+
+    kind = "block_factoriser"
+    needs_inputs: ClassVar[bool] = False
+
+    @abstractmethod
+    def factorise(self, block: Block) -> BlockFactors: ...
+
+
+def coactivation(S: torch.Tensor) -> np.ndarray:
+    """|corr| of channels from an uncentred second moment: |S_ij| / sqrt(S_ii S_jj)."""
+    d = S.diagonal().clamp_min(1e-30).sqrt()
+    return (S.abs() / d[:, None] / d[None, :]).clamp(0, 1).cpu().numpy()
+
+
+def balance_clusters(clusters: list[list[int]], A: np.ndarray) -> list[list[int]]:
+    """Equal-size clusters (sizes differ by at most one) that keep most of a clustering.
+
+    Channels are ordered cluster by cluster, each cluster's channels by their mean co-activation
+    with it (most typical first), and the order is cut into equal consecutive chunks. Equal sizes
+    and a tied rank let the input side run as one grouped conv (ALDS's k-SVD form).
+    """
+    order: list[int] = []
+    for cl in sorted(clusters, key=len, reverse=True):
+        typical = A[np.ix_(cl, cl)].mean(axis=1)
+        order += [cl[i] for i in np.argsort(-typical, kind="stable")]
+    n, total = len(clusters), len(order)
+    edges = cell_edges(total, n)
+    return [sorted(order[edges[i]:edges[i + 1]]) for i in range(n)]

@@ -6,12 +6,12 @@ so each works with every compressor.
 
 from __future__ import annotations
 
-import heapq
 import math
 
 import numpy as np
 
 from hsc_plugin.decomposition import evbmf_rank
+from hsc_plugin.greedy import greedy
 from hsc_plugin.plan import RankProblem
 from hsc_plugin.registry import hookimpl
 from hsc_plugin.strategy import RankSelector
@@ -136,48 +136,40 @@ def greedy_fill(problem: RankProblem, ranks: list[list[int]]) -> list[list[int]]
     """Greedy water-filling from ``ranks`` until no step fits in ``problem.target``."""
     if problem.target is None:
         raise ValueError("greedy_fill needs a budget target")
-    metric = problem.metric
+    metric, target = problem.metric, problem.target
     ranks = [list(r) for r in ranks]
     costs = [p.cost(r, metric) for p, r in zip(problem.plans, ranks)]
     total = float(sum(costs))
-    version = [0] * len(problem.plans)
-    heap: list[tuple[float, int, int, int, int]] = []
-    counter = 0
 
-    def push(i: int) -> None:
-        nonlocal counter
-        plan = problem.plans[i]
-        for j in range(len(plan.blocks)):
-            new = plan.next_ranks(ranks[i], j, metric)
-            if new is None:
-                continue
-            dc = plan.cost(new, metric) - costs[i]
-            gain = plan.gain(ranks[i], new)
-            score = gain / dc if dc > 0 else math.inf
-            counter += 1
-            heapq.heappush(heap, (-score, counter, i, j, version[i]))
-
-    for i in range(len(problem.plans)):
-        push(i)
-    while heap:
-        _, _, i, j, ver = heapq.heappop(heap)
-        if ver != version[i]:
-            continue  # stale: the layer moved since this step was scored
+    def propose(key: tuple[int, int]) -> float | None:  # one more step of block j of layer i
+        i, j = key
         plan = problem.plans[i]
         new = plan.next_ranks(ranks[i], j, metric)
         if new is None:
-            continue
+            return None
+        dc = plan.cost(new, metric) - costs[i]
+        return plan.gain(ranks[i], new) / dc if dc > 0 else math.inf
+
+    def accept(key: tuple[int, int]) -> bool:
+        nonlocal total
+        i, j = key
+        plan = problem.plans[i]
+        new = plan.next_ranks(ranks[i], j, metric)
+        if new is None:
+            return False
         new_cost = plan.cost(new, metric)
-        if total - costs[i] + new_cost > problem.target:
-            continue  # does not fit; cheaper steps elsewhere may still fit
+        if total - costs[i] + new_cost > target:
+            return False
         total += new_cost - costs[i]
         ranks[i], costs[i] = new, new_cost
-        version[i] += 1
-        push(i)
+        return True
+
+    keys = [(i, j) for i, p in enumerate(problem.plans) for j in range(len(p.blocks))]
+    greedy(keys, propose, accept, linked=lambda k: [(k[0], j) for j in range(len(problem.plans[k[0]].blocks))])
     # Coarse layers can leave a gap below the target: one step that overshoots by less than the
     # gap lands closer to the requested ratio.
     best: tuple[float, int, list[int]] | None = None
-    if problem.options.get("upper_bound"):  # e.g. milliseconds: the target is a ceiling
+    if problem.upper_bound:  # e.g. milliseconds: the target is a ceiling
         return ranks
     for i, plan in enumerate(problem.plans):
         for j in range(len(plan.blocks)):

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hsc_plugin import Budget, compress, create_compressor
+from hsc_plugin.allocation import statistics_groups
 from hsc_plugin.calibration import trace_layers
+from hsc_plugin.plan import PlanContext
 
 from conftest import SmallCNN
 
@@ -35,7 +37,7 @@ def test_groups_respect_the_memory_limit() -> None:
     hsc = create_compressor("hsc", partition="quadtree", max_stats_gb=1e-4)  # ~105 KB per group
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     infos = trace_layers(model, names, x[:1])
-    groups = hsc._statistics_groups(names, infos)
+    groups = statistics_groups(hsc, names, infos, PlanContext())
     sizes = {n: hsc.statistics_bytes(infos[n]) for n in names}
     limit = 1e-4 * 2**30
     assert sum(len(g) for g in groups) == len(names) and len(groups) > 1

@@ -9,7 +9,7 @@ from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.decomposition import rrr_basis
 from hsc_plugin.modules import LowRankConv2d, LowRankLinear, conv_geometry
-from hsc_plugin.plan import LayerPlan, RankBlock
+from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
 __all__ = ["GlobalSVD", "SVDPlan"]
 
@@ -35,7 +35,7 @@ class SVDPlan(LayerPlan):
     so ``B A`` is the truncated SVD).
     """
 
-    def __init__(self, info: LayerInfo, S: torch.Tensor | None) -> None:
+    def __init__(self, info: LayerInfo, S: torch.Tensor | None, *, note: str = "", form: str = "") -> None:
         module = info.module
         self.matrices = layer_matrices(module)
         self.groups = len(self.matrices)
@@ -54,7 +54,7 @@ class SVDPlan(LayerPlan):
             energies = spectrum.clone() if energies is None else energies + spectrum
         block = RankBlock(energies.cpu().numpy(), label="rank",
                           matrix=self.matrices[0] if self.groups == 1 and S is None else None)
-        super().__init__(info, [block], dense_cost={})
+        super().__init__(info, [block], note=note, form=form)
 
     def factorised_cost(self, ranks: list[int], metric: str) -> float:
         r = ranks[0]
@@ -98,12 +98,12 @@ class GlobalSVD(Compressor):
 
     name = "global_svd"
 
-    def statistics(self, info: LayerInfo) -> list[Accumulator]:
+    def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         if not self.data_aware:
             return []
         w = info.module.weight
         return [OutputMoment(w.shape[0], w.device)]
 
-    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
+    def plan(self, info: LayerInfo, stats: list[Accumulator], context: PlanContext | None = None) -> LayerPlan | str:
         S = stats[0].S if stats else None
         return SVDPlan(info, S)

@@ -12,7 +12,7 @@ from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan, group_blocks
 from hsc_plugin.decomposition import rrr_basis, sqrtm_psd, tucker2
 from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d, conv_geometry
-from hsc_plugin.plan import LayerPlan, RankBlock
+from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
 __all__ = ["Tucker2", "Tucker2Plan"]
 
@@ -36,7 +36,8 @@ class Tucker2Plan(LayerPlan):
     The cost couples them (the core costs R_in·R_out·k²), which the budget selector handles.
     """
 
-    def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None) -> None:
+    def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None, *,
+                 form: str = "") -> None:
         m: nn.Conv2d = info.module
         self.groups = m.groups
         W = m.weight.detach().double()
@@ -61,7 +62,7 @@ class Tucker2Plan(LayerPlan):
             RankBlock(e_out.cpu().numpy(), label="out", matrix=_unfold(self.weights[0], 0) if data_free else None),
             RankBlock(e_in.cpu().numpy(), label="in", matrix=_unfold(self.weights[0], 1) if data_free else None),
         ]
-        super().__init__(info, blocks, dense_cost={}, total_energy=1.0)
+        super().__init__(info, blocks, total_energy=1.0, form=form)
 
     def retained(self, ranks: list[int]) -> float:
         """Energy kept, modelled as the product of the two modes' kept fractions.
@@ -134,7 +135,7 @@ class Tucker2(Compressor):
     name = "tucker2"
     budget_selector = "scaled"
 
-    def statistics(self, info: LayerInfo) -> list[Accumulator]:
+    def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         if not self.data_aware:
             return []
         w = info.module.weight
@@ -147,10 +148,8 @@ class Tucker2(Compressor):
     def _is_spatial(module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
 
-    def plan(self, info: LayerInfo, stats: list[Accumulator]) -> LayerPlan | str:
+    def plan(self, info: LayerInfo, stats: list[Accumulator], context: PlanContext | None = None) -> LayerPlan | str:
         S_out = stats[0].S if stats else None
         if not self._is_spatial(info.module):
-            plan = SVDPlan(info, S_out)
-            plan.note = "Linear / 1x1 conv: Tucker-2 reduces to an SVD"
-            return plan
+            return SVDPlan(info, S_out, note="Linear / 1x1 conv: Tucker-2 reduces to an SVD")
         return Tucker2Plan(info, S_out, stats[1].S if len(stats) > 1 else None)

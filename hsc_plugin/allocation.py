@@ -1,0 +1,149 @@
+"""Spending the budget: which form each layer takes and at which ranks, and building the modules.
+
+The layers' forms compete for the budget (:func:`hsc_plugin.forms.choose_forms`), the rank
+selector then shares it among the chosen forms' blocks, and the factorised modules are built. With
+``latency_guard`` every built module is timed against its dense layer and the slower ones are kept
+dense, after which the budget is re-allocated to the others (a few rounds at most).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from hsc_plugin.budget import Budget, BudgetError
+from hsc_plugin.calibration import LayerInfo
+from hsc_plugin.costs import ModelCost, count_params
+from hsc_plugin.forms import choose_forms
+from hsc_plugin.plan import LayerPlan, PlanContext, RankProblem
+from hsc_plugin.plan_timing import measured_slower
+
+if TYPE_CHECKING:
+    from hsc_plugin.compressors.base import Compressor
+    from hsc_plugin.pipeline import Prepared
+
+__all__ = ["Allocation", "allocate", "statistics_groups", "budget_reference"]
+
+_ROUNDS = 4  # re-allocations after the latency guard keeps layers dense
+
+
+@dataclass
+class Allocation:
+    """What the budget bought: one plan per layer, its ranks, and the modules built from them."""
+
+    plans: list[LayerPlan]
+    ranks: list[list[int]]
+    modules: dict[str, nn.Module]
+    base_ref: float  # the cost the budget divides (model or targets, in the budget's metric)
+    floored: set[str] = field(default_factory=set)  # layers at minimum rank with a large predicted error
+    slower: dict[str, str] = field(default_factory=dict)  # kept dense by the latency guard, and why
+
+
+def statistics_groups(compressor: "Compressor", live: list[str], infos: dict[str, LayerInfo],
+                      context: PlanContext) -> list[list[str]]:
+    """Layers in groups whose calibration statistics fit in ``max_stats_gb``: one calibration
+    pass per group, statistics freed once the group is planned. A single layer larger than
+    the limit gets a group of its own. Second-pass statistics (HSC's per-cluster moments)
+    come on top and are of the same order."""
+    from hsc_plugin.compressors.base import call_hook
+
+    limit = compressor.max_stats_gb * 2**30 if compressor.max_stats_gb is not None else math.inf
+    groups: list[list[str]] = []
+    used = 0.0
+    for n in live:
+        size = call_hook(compressor.statistics_bytes, infos[n], context=context)
+        if not groups or used + size > limit:
+            groups.append([])
+            used = 0.0
+        groups[-1].append(n)
+        used += size
+    return groups
+
+
+def module_cost(cost: ModelCost, module: nn.Module, name: str, metric: str) -> float:
+    """A module's MACs (as counted in ``cost``) or parameters."""
+    return float(cost.module_macs.get(name, 0)) if metric == "macs" else float(count_params(module))
+
+
+def budget_reference(prep: "Prepared", latency: dict[str, Any] | None) -> float:
+    """The cost the budget divides: the model's or the targets', in the budget's metric."""
+    budget, metric = prep.budget, prep.context.metric
+    if budget is None:
+        return 0.0
+    if metric == "latency":
+        assert latency is not None
+        return latency["predicted_before_ms"] if budget.scope == "model" else latency["targets_before_ms"]
+    if budget.scope == "model":
+        return float(prep.before.of(metric))
+    modules = dict(prep.work.named_modules())
+    return float(sum(module_cost(prep.before, modules[n], n, metric) for n in prep.target_names))
+
+
+def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[LayerPlan]],
+             latency: dict[str, Any] | None) -> Allocation:
+    """Choose forms and ranks for the budget and build the modules (see the module docstring)."""
+    plans = [forms[0] for forms in candidates]
+    if not plans:
+        raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
+                         f"{ {n: r.reason for n, r in prep.reports.items()} }")
+    budget, metric = prep.budget, prep.context.metric
+    base_ref = budget_reference(prep, latency)
+    slower: dict[str, str] = {}
+    for _ in range(_ROUNDS):
+        live = [forms for forms in candidates if forms[0].name not in slower]
+        if not live:
+            raise BudgetError("Every factorised layer measured slower than its dense layer on this device")
+        plans, target = [forms[0] for forms in live], None
+        if budget is not None:
+            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower))
+        problem = RankProblem(plans, metric, target, upper_bound=budget is not None and budget.ms is not None)
+        ranks = [p.finalise(r, metric) for p, r in zip(plans, prep.selector.select(problem))]
+        modules = {p.name: p.build(r) for p, r in zip(plans, ranks) if not p.is_dense(r)}
+        newly = measured_slower(compressor.latency_batch, modules, prep.infos) if compressor.latency_guard else {}
+        if not newly:
+            break
+        slower.update(newly)
+    for n, reason in slower.items():
+        from hsc_plugin.report import layer_report
+
+        prep.reports[n] = layer_report(n, prep.infos[n].module, "dense", reason, prep.infos[n].macs)
+    floored = _floored(compressor.name, budget, plans, ranks)
+    return Allocation(plans, ranks, modules, base_ref, floored, slower)
+
+
+def _fit_forms(live: list[list[LayerPlan]], budget: Budget, metric: str, base_ref: float,
+               n_slower: int) -> tuple[list[LayerPlan], float]:
+    """Each layer's form for the budget and what the chosen plans may cost together; a budget out
+    of reach even at minimum ranks is a BudgetError that says why."""
+    plan_dense = sum(forms[0].dense_cost[metric] for forms in live)
+    fixed = base_ref - plan_dense
+    target = budget.target_cost(base_ref) - fixed
+    plans = [forms[i] for forms, i in zip(live, choose_forms(live, metric, target))]
+    floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
+    if target < floor:
+        best = base_ref / (fixed + floor)
+        raise BudgetError(
+            f"Cannot reach {budget.describe()} ({budget.scope}): "
+            f"{plan_dense / base_ref:.0%} of the {metric} are in "
+            + ("layers whose factorised form is faster on this device" if metric == "latency"
+               else "factorisable layers")
+            + (f" (after keeping {n_slower} slower layers dense)" if n_slower else "")
+            + f", so the most this method can reach at minimum rank is {best:.2f}x"
+        )
+    return plans, target
+
+
+def _floored(name: str, budget: Budget | None, plans: list[LayerPlan], ranks: list[list[int]]) -> set[str]:
+    """Layers a budget took to their floor where their spectra say that loses most of the output
+    (relative error > 0.5): the budget is met at the cost of the model's accuracy, so say so."""
+    floored = {p.name for p, r in zip(plans, ranks) if budget is not None and not p.is_dense(r)
+               and r == p.min_ranks() and p.predicted_error(r) > 0.5}
+    if floored:
+        warnings.warn(f"{name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
+                      f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
+                      stacklevel=6)
+    return floored

@@ -1,0 +1,110 @@
+"""Built-in block factorisers: ``svd`` and ``tucker2`` (how HSC factorises one (region, cluster) block).
+
+``svd`` keeps the top eigenvectors of the block's output second moment (reduced-rank regression:
+the discarded eigenvalues are exactly the calibration error). ``tucker2`` is data-aware Tucker-2 of
+the block: output factor from the block's output moment, input factor from the SVD of the
+block's weight whitened by the region's input channel moment — two ranks per block. With one
+region and one cluster they are data-aware Global SVD and data-aware Tucker-2, factor for factor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from hsc_plugin.decomposition import sqrtm_psd, tucker2
+from hsc_plugin.plan import RankBlock
+from hsc_plugin.registry import hookimpl
+from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors
+
+__all__ = ["SVDBlock", "Tucker2Block", "SVDFactors", "Tucker2Factors"]
+
+
+def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
+    return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
+
+
+def _sq_singular_values(A: torch.Tensor) -> torch.Tensor:
+    """``svdvals(A) ** 2`` (descending) from the eigenvalues of the smaller Gram matrix."""
+    G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
+    return torch.linalg.eigvalsh(G.double()).flip(0).clamp_min(0.0)
+
+
+class SVDFactors(BlockFactors):
+    """Top-k eigenvectors P of the block's output moment: reduce = Pᵀ W_b, expand = P."""
+
+    structure = "svd"
+
+    def __init__(self, block: Block) -> None:
+        evals, evecs = block.output.eig()
+        W = block.weight
+        k = min(W.shape[0], W.shape[1] * W.shape[2] * W.shape[3])
+        self.basis = evecs[:, :k]
+        self.spectrum = evals[:k]
+        self.weight = W
+        super().__init__([RankBlock(evals[:k].cpu().numpy(), label=block.label, min_rank=0)], float(evals[:k].sum()))
+
+    def factors(self, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        P = self.basis[:, :ranks[0]]
+        W = self.weight
+        return (P.T @ W.reshape(W.shape[0], -1)).reshape(-1, *W.shape[1:]), P
+
+
+class Tucker2Factors(BlockFactors):
+    """Data-aware Tucker-2 of the block; kept energy modelled as the product of the two modes'
+    kept fractions (truncating both compounds), as the Tucker-2 compressor does."""
+
+    structure = "tucker2"
+
+    def __init__(self, block: Block) -> None:
+        W = block.weight
+        self.weight = W
+        self.S_out = block.output.full()
+        self.S_in = block.inputs
+        kk = W.shape[2] * W.shape[3]
+        e_out = block.output.eig()[0]  # as the Tucker-2 compressor takes them (rrr_basis)
+        if self.S_in is not None:
+            root, _ = sqrtm_psd(self.S_in)
+            e_in = _sq_singular_values(root @ _unfold(W, 1))
+        else:
+            e_in = _sq_singular_values(_unfold(W, 1))
+        e_out, e_in = e_out[: min(W.shape[0], W.shape[1] * kk)], e_in[: min(W.shape[1], W.shape[0] * kk)]
+        self.energy = float(e_out.sum())  # the block's output energy (what "retained" is a share of)
+        super().__init__([RankBlock(e_out.cpu().numpy(), label=f"{block.label}out", min_rank=0),
+                          RankBlock(e_in.cpu().numpy(), label=f"{block.label}in", min_rank=1)], self.energy)
+
+    def retained(self, ranks: list[int]) -> float:
+        fractions = [b.energies[:r].sum() / b.total if b.total > 0 else 1.0 for r, b in zip(ranks, self.rank_blocks)]
+        return float(self.total * fractions[0] * fractions[1])
+
+    def factors(self, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r_out, r_in = ranks
+        with warnings.catch_warnings():  # TensorLy warns when a rank exceeds a small unfolding
+            warnings.simplefilter("ignore", UserWarning)
+            U_out, core, V_in = tucker2(self.weight, r_out, r_in, S_out=self.S_out, S_in=self.S_in)
+        return V_in.T, core, U_out
+
+
+class SVDBlock(BlockFactoriser):
+    """One rank per block: the reduced-rank-regression optimum of the block's outputs."""
+
+    name = "svd"
+
+    def factorise(self, block: Block) -> BlockFactors:
+        return SVDFactors(block)
+
+
+class Tucker2Block(BlockFactoriser):
+    """Two ranks per block (input and output mode): 1×1 → k×k core → 1×1, data-aware."""
+
+    name = "tucker2"
+    needs_inputs = True
+
+    def factorise(self, block: Block) -> BlockFactors:
+        return Tucker2Factors(block)
+
+
+@hookimpl
+def hsc_block_factorisers() -> list[type]:
+    return [SVDBlock, Tucker2Block]
