@@ -149,3 +149,25 @@ def test_gradients_reach_every_factor() -> None:
     m = regional_from_conv(conv, TILINGS["2x2"], 3, base="tucker2", rank_in=2).train()
     m(torch.randn(2, 4, 10, 10)).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_nni_speedup_cannot_handle_it_and_says_so() -> None:
+    """What ``speedup_incompatible`` claims, tried: NNI's ModelSpeedup fails inside on the crops, so
+    the adapter refuses such a model up front with an error naming the module."""
+    pytest.importorskip("nni", reason="nni is an extra")
+    from nni.compression.pruning import L1NormPruner
+    from nni.compression.speedup import ModelSpeedup
+
+    from hsc_plugin.adapters.nni import SpeedupIncompatibleError, check_speedup_compatible
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    model[2] = regional_from_conv(model[2], TILINGS["2x2"], 4)
+    with pytest.raises(SpeedupIncompatibleError, match=r"'2' \(RegionalExpansionConv2d\)"):
+        check_speedup_compatible(model)
+    pruner = L1NormPruner(model, [{"op_names": ["0"], "sparse_ratio": 0.25}])
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(TypeError, match="slice indices must be integers"):
+        ModelSpeedup(model, x, masks, graph_module=torch.fx.symbolic_trace(model)).speedup_model()
