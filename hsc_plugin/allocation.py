@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
     from hsc_plugin.pipeline import Prepared
 
-__all__ = ["Allocation", "allocate", "statistics_groups", "budget_reference"]
+__all__ = ["Allocation", "allocate", "restrict", "statistics_groups", "budget_reference"]
 
 _ROUNDS = 4  # re-allocations after the latency guard keeps layers dense
 
@@ -83,9 +83,23 @@ def budget_reference(prep: "Prepared", latency: dict[str, Any] | None) -> float:
     return float(sum(module_cost(prep.before, modules[n], n, metric) for n in prep.target_names))
 
 
+def restrict(candidates: list[list[LayerPlan]], families: tuple[str, ...]) -> list[list[LayerPlan]] | None:
+    """Each layer's first form of the first family it has (in ``families``' order); None when a
+    layer has none (the allocation cannot be reproduced from these candidates)."""
+    out = []
+    for forms in candidates:
+        pick = next((p for f in families for p in forms if p.family == f), None)
+        if pick is None:
+            return None
+        out.append([pick])
+    return out
+
+
 def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[LayerPlan]],
-             latency: dict[str, Any] | None) -> Allocation:
-    """Choose forms and ranks for the budget and build the modules (see the module docstring)."""
+             latency: dict[str, Any] | None, selector: Any = None) -> Allocation:
+    """Choose forms and ranks for the budget and build the modules (see the module docstring);
+    ``selector`` overrides the call's rank selector."""
+    selector = selector if selector is not None else prep.selector
     plans = [forms[0] for forms in candidates]
     if not plans:
         raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
@@ -101,7 +115,7 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
         if budget is not None:
             plans, target = _fit_forms(live, budget, metric, base_ref, len(slower))
         problem = RankProblem(plans, metric, target, upper_bound=budget is not None and budget.ms is not None)
-        ranks = [p.finalise(r, metric) for p, r in zip(plans, prep.selector.select(problem))]
+        ranks = [p.finalise(r, metric) for p, r in zip(plans, selector.select(problem))]
         modules = {p.name: p.build(r) for p, r in zip(plans, ranks) if not p.is_dense(r)}
         newly = measured_slower(compressor.latency_batch, modules, prep.infos) if compressor.latency_guard else {}
         if not newly:

@@ -29,10 +29,11 @@ from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import FINE_CELLS, CellStats, ClusterContributions
+from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
-from hsc_plugin.registry import available, create
+from hsc_plugin.registry import available, create, lookup
 from hsc_plugin.strategy import (Block, BlockFactoriser, ChannelClusterer, SpatialPartitioner, balance_clusters,
                                  coactivation)
 from hsc_plugin.tiling import Tiling
@@ -75,6 +76,7 @@ class HSC(Compressor):
         min_region: int = 4,
         block: str | BlockFactoriser = "svd",
         alternatives: bool = True,
+        baselines: tuple[str, ...] = ("global_svd", "tucker2"),
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -100,6 +102,9 @@ class HSC(Compressor):
         self._clusterer = create("clusterer", clusterer, ChannelClusterer,
                                  offered={"n_clusters": n_clusters, "seed": self.seed})
         self.block = block
+        self.baselines = tuple(baselines)
+        for b in self.baselines:
+            lookup("compressor", b)  # an unknown name is an error now, not after calibration
         self._block = create("block_factoriser", block, BlockFactoriser, offered={"seed": self.seed})
         if self.balanced and self._block.needs_inputs:
             raise ValueError("balanced=True runs input clusters as one grouped conv of svd blocks; use block='svd'")
@@ -112,6 +117,19 @@ class HSC(Compressor):
         out["partition"] = self._partitioner.config()
         out["clusterer"] = self._clusterer.config()
         out["block"] = self._block.config()
+        return out
+
+    def candidate_allocations(self, context: PlanContext) -> list[tuple[str, tuple[str, ...], str]]:
+        """The baselines' own allocations, rebuilt from HSC's statistics (their plans are among HSC's
+        forms): the model whose calibration output error is lowest is kept, so HSC is never worse
+        than data-aware SVD or Tucker-2 on the calibration data."""
+        if not self.alternatives:
+            return []
+        out = []
+        for name in self.baselines:
+            cls = lookup("compressor", name)
+            if cls.form_family:
+                out.append((f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
         return out
 
     @staticmethod
@@ -212,6 +230,8 @@ class HSC(Compressor):
                     forms.append(self._clustered(info, Tiling.full(tiling.grid), fac, outs, ins, []))
                 if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters
                     forms.append(self._blocks(info, tiling, fac, outs, ins, None, "output"))
+        if tiling.n_regions > 1:  # SVD's reduction on the whole map, a 1×1 per region
+            forms.append(RegionalSVDPlan(info, tiling, outs))
         whole = outs.S.sum(dim=(0, 1))
         forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
         if info.module.kernel_size != (1, 1) and ins is not None:
