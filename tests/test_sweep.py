@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsc_plugin.adapters.nni_sweep import (
+from hsc_plugin.mri.sweep import (
     DEFAULT_SEARCH_SPACE,
     collect_rows,
     experiment_config,
@@ -204,7 +204,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_trial_in_process_measures_the_compressed_model(tiny_checkpoint: Path) -> None:
     """One trial without NNI: tucker2 at 3x, latency on; the numbers are of the compressed model."""
-    from hsc_plugin.adapters.nni_sweep import ModelSource, run_trial
+    from hsc_plugin.mri.sweep import ModelSource, run_trial
     from hsc_plugin.mri import bundled_sample_path
 
     src = ModelSource(str(bundled_sample_path()), str(tiny_checkpoint), 32, 0.25)
@@ -285,14 +285,14 @@ def test_config_option_writes_the_nni_config_without_running(tmp_path: Path) -> 
                  str(tmp_path / "o")]) == 0
     cfg = yaml.safe_load(target.read_text())
     assert cfg["trainingService"]["platform"] == "remote"
-    assert cfg["trialCommand"].startswith("python3 -m hsc_plugin.adapters.nni_sweep trial --data /data/brain-mri-128")
+    assert cfg["trialCommand"].startswith("python3 -m hsc_plugin.mri.sweep trial --data /data/brain-mri-128")
     assert "--checkpoint /models/alexnet.pt --input-size 128" in cfg["trialCommand"]
     assert cfg["searchSpace"] == DEFAULT_SEARCH_SPACE
     assert not list((tmp_path / "o").glob("nni-experiments"))  # nothing was run
 
 
 def test_grid_size_counts_nested_choices() -> None:
-    from hsc_plugin.adapters.nni_sweep import grid_size
+    from hsc_plugin.mri.sweep import grid_size
 
     assert grid_size(DEFAULT_SEARCH_SPACE) == 28  # (2 baselines + 2*3*2 hsc) * 2 budgets
     assert grid_size({"ratio": {"_type": "choice", "_value": [3, 6]}}) == 2
@@ -306,7 +306,7 @@ def test_without_checkpoint_the_demo_model_is_trained_once_and_cached(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from hsc_plugin.adapters.nni_sweep import _prepare_model
+    from hsc_plugin.mri.sweep import _prepare_model
 
     monkeypatch.setenv("HSC_CACHE_DIR", str(tmp_path))
     args = argparse.Namespace(data=None, checkpoint=None, input_size=32, width=0.25, epochs=1, seed=0, quiet=True)

@@ -1,9 +1,10 @@
-"""``hsc demo`` and ``hsc reproduce``: the brain-MRI experiment from the command line."""
+"""``hsc demo``, ``hsc reproduce`` and ``hsc sweep``: the brain-MRI experiment from the command
+line, added to ``hsc`` by the ``hsc_cli_commands`` hook (this module is the experiment's plugin,
+registered in the ``hsc_plugin`` entry-point group like the built-in strategies)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -11,20 +12,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["add_commands", "demo", "reproduce"]
+from hsc_plugin.registry import hookimpl
+
+__all__ = ["add_commands", "demo", "reproduce", "hsc_cli_commands"]
 
 
-def _model_cache_name(prefix: str, data: Path, recipe: Any, seed: int) -> str:
-    key = f"{data.resolve()}|{recipe}|{seed}"
-    return f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+@hookimpl
+def hsc_cli_commands(subparsers: Any) -> None:
+    """``hsc demo``, ``hsc reproduce`` and ``hsc sweep`` (NNI, :mod:`hsc_plugin.mri.sweep`)."""
+    from hsc_plugin.mri.sweep import add_commands as add_sweep
+
+    add_commands(subparsers)
+    add_sweep(subparsers)
 
 
 def _trained_model(data: Path, recipe: Any, seed: int, prefix: str, progress: bool):
-    from hsc_plugin.mri import alexnet_mri, load_or_train, load_split
+    from hsc_plugin.mri import alexnet_mri, load_or_train, load_split, model_cache_name
 
     train = load_split(data, "train", recipe.input_size)
     test = load_split(data, "test", recipe.input_size)
-    name = _model_cache_name(prefix, data, recipe, seed)
+    name = model_cache_name(prefix, data, recipe, seed)
     t0 = time.perf_counter()
     model = load_or_train(name, lambda: alexnet_mri(width=recipe.width, input_size=recipe.input_size), train,
                           seed=seed, progress=progress, **recipe.train_kwargs())
@@ -167,6 +174,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
+    """Register ``hsc demo`` and ``hsc reproduce`` on the ``hsc`` sub-command parser."""
     d = sub.add_parser("demo", help="the main job: train, compress 3x with every method, compare (bundled data)")
     d.add_argument("--data", help="data folder (Kaggle layout); default: $HSC_MRI_DATA or the bundled sample")
     d.add_argument("--out-dir", default="hsc-demo", help="where the JSON report and the plot go")
