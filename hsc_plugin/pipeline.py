@@ -248,13 +248,13 @@ def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[
     out = {compressor.name: allocate(compressor, prep, candidates, latency)}
     if prep.budget is None or prep.calib is None:
         return out
-    for name, families, selector in compressor.candidate_allocations(prep.context):
-        restricted = restrict(candidates, families)
-        if restricted is None or name in out:
+    for cand in compressor.candidate_allocations(prep.context):
+        restricted = restrict(candidates, cand.families)
+        if restricted is None or cand.name in out:
             continue
         try:
-            out[name] = allocate(compressor, prep, restricted, latency,
-                                 selector=create("rank_selector", selector, RankSelector))
+            out[cand.name] = allocate(compressor, prep, restricted, latency, objective=cand.objective,
+                                      selector=create("rank_selector", cand.selector, RankSelector))
         except BudgetError:
             continue
     return out

@@ -88,13 +88,15 @@ class Report:
 
     def table(self) -> str:
         """A plain-text per-layer table and the totals."""
-        head = f"{'layer':<28} {'status':<11} {'ranks':<18} {'MACs before':>12} {'after':>12} {'err':>7}"
+        head = (f"{'layer':<28} {'status':<11} {'form':<36} {'ranks':<18} {'MACs before':>12} {'after':>12} "
+                f"{'err':>7}")
         lines = [head, "-" * len(head)]
         for L in self.layers:
             ranks = ",".join(f"{k}={v}" for k, v in L.ranks.items()) if L.ranks else "-"
             err = L.error if L.error is not None else L.predicted_error
+            form = L.details.get("form") or (L.module if L.status == "factorised" else "-")
             lines.append(
-                f"{L.name[:28]:<28} {L.status:<11} {ranks[:18]:<18} {L.macs_before:>12,} "
+                f"{L.name[:28]:<28} {L.status:<11} {form[:36]:<36} {ranks[:18]:<18} {L.macs_before:>12,} "
                 f"{L.macs_after:>12,} {'' if err is None else f'{err:.4f}':>7}"
             )
         lines.append("-" * len(head))
@@ -108,6 +110,10 @@ class Report:
                 f"budget {asked} {self.budget['metric']} ({self.budget['scope']}): "
                 f"achieved {self.achieved_ratio:.3f}x, met={self.budget_met}"
             )
+        if self.calibration_error is not None:
+            tried = ", ".join(f"{k} {v:.4f}" for k, v in self.candidates.items()) if len(self.candidates) > 1 else ""
+            lines.append(f"calibration output error {self.calibration_error:.4f}"
+                         + (f" (allocation kept: {self.allocation}; candidates: {tried})" if tried else ""))
         if self.latency is not None:
             pred = self.latency.get("predicted_after_ms")
             lines.append(

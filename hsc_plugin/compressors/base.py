@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hsc_plugin.allocation import CandidateAllocation
 from hsc_plugin.budget import Budget
 from hsc_plugin.calibration import Accumulator, LayerInfo
 from hsc_plugin.cost_model import LatencyCostModel
@@ -154,10 +155,9 @@ class Compressor(ABC):
         """Whether any label-free recovery step is on (it needs calibration data)."""
         return self.bn_reestimation or self.bias_correction
 
-    def candidate_allocations(self, context: PlanContext) -> list[tuple[str, tuple[str, ...], str]]:
-        """Other allocations to try besides this compressor's own, as (name, plan families in order
-        of preference, budget rank selector); the pipeline keeps whichever compressed model has the
-        lowest output error on the calibration data. Default: none."""
+    def candidate_allocations(self, context: PlanContext) -> list["CandidateAllocation"]:
+        """Other allocations to try besides this compressor's own; the pipeline keeps whichever
+        compressed model has the lowest output error on the calibration data. Default: none."""
         return []
 
     # -- options -----------------------------------------------------------------------------------

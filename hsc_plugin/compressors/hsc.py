@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hsc_plugin.allocation import CandidateAllocation
 from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
@@ -119,17 +120,17 @@ class HSC(Compressor):
         out["block"] = self._block.config()
         return out
 
-    def candidate_allocations(self, context: PlanContext) -> list[tuple[str, tuple[str, ...], str]]:
+    def candidate_allocations(self, context: PlanContext) -> list[CandidateAllocation]:
         """The baselines' own allocations, rebuilt from HSC's statistics (their plans are among HSC's
         forms): the model whose calibration output error is lowest is kept, so HSC is never worse
         than data-aware SVD or Tucker-2 on the calibration data."""
         if not self.alternatives:
             return []
-        out = []
+        out = [CandidateAllocation("hsc (uniform error)", (), "scaled", "max")]
         for name in self.baselines:
             cls = lookup("compressor", name)
             if cls.form_family:
-                out.append((f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
+                out.append(CandidateAllocation(f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
         return out
 
     @staticmethod
