@@ -149,6 +149,26 @@ def test_latency_front_column_only_when_measured() -> None:
         {"trial_id": "A", "parameter": {"method": "tucker2", "ratio": 3.0}, "value": _value(0.9, 10)}])).splitlines()[0]
 
 
+def test_disturbed_timings_are_said_and_kept_off_the_latency_front() -> None:
+    rows = [{"method": "original", "setting": "uncompressed", "ratio": 1.0, "stage": "-", "trial_id": "-",
+             **_value(0.95, 30), "latency_b1_ms": 9.0, "latency_b1_disturbed": False}]
+    rows += collect_rows([
+        {"trial_id": "A", "parameter": {"method": "tucker2", "ratio": 3.0},
+         "value": {**_value(0.9, 10), "latency_b1_ms": 2.0, "dense_latency_b1_ms": 4.0, "latency_b1_disturbed": False}},
+        {"trial_id": "B", "parameter": {"method": "tucker2", "ratio": 6.0},  # faster and as accurate, but disturbed
+         "value": {**_value(0.9, 5), "latency_b1_ms": 1.0, "dense_latency_b1_ms": 4.0, "latency_b1_disturbed": True}},
+        {"trial_id": "C", "parameter": {"method": "global_svd", "ratio": 3.0},  # 10x from 3x fewer MACs
+         "value": {**_value(0.8, 10), "latency_b1_ms": 1.5, "dense_latency_b1_ms": 15.0, "latency_b1_disturbed": False}},
+    ])
+    table = pareto_table(rows).splitlines()
+    assert "speed-up b1" in table[0]
+    line = {tid: next(l for l in table if l.startswith(f"| {tid} |")).split("|") for tid in "ABC"}
+    assert line["A"][-4].strip() == "2.00x"  # against the dense time of its own trial (4 ms), not 9 ms
+    assert line["B"][-5].strip() == "disturbed" and line["B"][-4].strip() == "disturbed"
+    assert line["B"][-2].strip() == "" and line["C"][-2].strip() == "*"  # B is off the latency front
+    assert "suspect" in line["C"][-4]
+
+
 def test_experiment_config_is_valid_nni_config() -> None:
     pytest.importorskip("nni", reason="the [nni] extra is not installed")
     from nni.experiment import ExperimentConfig

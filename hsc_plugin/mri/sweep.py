@@ -82,7 +82,9 @@ def _load(src: ModelSource):
     return model, load_split(src.data, "train", src.input_size), load_split(src.data, "test", src.input_size)
 
 
-def _measure(model: Any, test: Any, latency: bool, n_boot: int, seed: int) -> dict[str, Any]:
+def _measure(model: Any, test: Any, latency: bool, n_boot: int, seed: int, dense: Any = None) -> dict[str, Any]:
+    """Costs, accuracy and (``latency``) batch-1 CPU time; with ``dense`` the two models are timed
+    interleaved (dense, model, dense, ...) and the row keeps the dense time it is compared with."""
     import torch
 
     from hsc_plugin.costs import measure_costs
@@ -92,9 +94,14 @@ def _measure(model: Any, test: Any, latency: bool, n_boot: int, seed: int) -> di
     cost = measure_costs(model, torch.zeros(1, *shape))
     row: dict[str, Any] = {"macs": cost.macs, "params": cost.params}
     if latency:
-        from hsc_plugin.latency import measure_latency
+        from hsc_plugin.latency import measure_interleaved
 
-        row["latency_b1_ms"] = measure_latency(model, shape, batch=1, runs=20, threads=torch.get_num_threads())["median_ms"]
+        models = {"model": model} if dense is None else {"dense": dense, "model": model}
+        t = measure_interleaved(models, shape, batch=1, runs=20, warmup=5, threads=torch.get_num_threads())
+        row["latency_b1_ms"] = t["model"]["median_ms"]
+        row["latency_b1_disturbed"] = any(bool(v["disturbed"]) for v in t.values())
+        if dense is not None:
+            row["dense_latency_b1_ms"] = t["dense"]["median_ms"]
     metrics = evaluate_model(model, test, n_boot=n_boot, seed=seed)
     row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return row
@@ -118,7 +125,7 @@ def run_trial(params: Mapping[str, Any], src: ModelSource, *, n_calib: int = 256
                       **spec.options)
     row: dict[str, Any] = {"compress_s": time.perf_counter() - t0,
                            "achieved_ratio": float(result.report.achieved_ratio or 0.0)}
-    row.update(_measure(result.model, test, latency, n_boot, seed))
+    row.update(_measure(result.model, test, latency, n_boot, seed, dense=model))
     return row
 
 

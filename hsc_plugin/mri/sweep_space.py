@@ -189,19 +189,22 @@ def collect_rows(trials: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def pareto_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown table of every row with its place on the Pareto fronts (accuracy vs MACs, and vs
-    latency when measured); ``*`` marks a point no other point beats on both axes."""
-    from hsc_plugin.mri.report import pareto_front
+    latency when measured); ``*`` marks a point no other point beats on both axes. A timing whose
+    spread says the machine was busy is shown as "disturbed" and kept off the latency front; the
+    speed-up is against the uncompressed model timed interleaved with it, in the same trial."""
+    from hsc_plugin.mri.report import pareto_front, speedup_cell
 
     ok = [i for i, r in enumerate(rows) if r.get("stage") != "failed"]
     fronts: dict[str, set[int]] = {}
     for key in ("macs", "latency_b1_ms"):
-        idx = [i for i in ok if key in rows[i]]
+        idx = [i for i in ok if key in rows[i] and not rows[i].get(key[: -len("_ms")] + "_disturbed")]
         if idx:
             front = pareto_front([(rows[i][key], rows[i]["accuracy"]) for i in idx])
             fronts[key] = {idx[j] for j in front}
-    lat = "latency_b1_ms" in fronts
+    lat = any("latency_b1_ms" in rows[i] for i in ok)
+    base = next((dict(r) for r in rows if r.get("method") == "original"), {})
     head = ["trial", "setting", "budget", "accuracy %", "macro-F1 %", "MMACs", "M params"]
-    head += ["ms b1"] if lat else []
+    head += ["ms b1", "speed-up b1"] if lat else []
     head += ["front (MACs)"] + (["front (latency)"] if lat else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows):
@@ -212,7 +215,10 @@ def pareto_table(rows: Sequence[Mapping[str, Any]]) -> str:
             cells = [r.get("trial_id", "") or "-", r["setting"], budget,
                      f"{100 * r['accuracy']:.2f} ± {100 * r.get('accuracy_se', 0.0):.2f}",
                      f"{100 * r['macro_f1']:.2f}", f"{r['macs'] / 1e6:.2f}", f"{r['params'] / 1e6:.3f}"]
-            cells += [f"{r['latency_b1_ms']:.2f}" if "latency_b1_ms" in r else "-"] if lat else []
+            if lat:
+                ms = "-" if "latency_b1_ms" not in r else "disturbed" if r.get("latency_b1_disturbed") \
+                    else f"{r['latency_b1_ms']:.2f}"
+                cells += [ms, speedup_cell(dict(r), base, "latency_b1_ms")]
             cells += ["*" if i in fronts.get("macs", ()) else ""]
             cells += ["*" if i in fronts.get("latency_b1_ms", ()) else ""] if lat else []
         lines.append("| " + " | ".join(cells) + " |")
