@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -286,7 +286,8 @@ def correct_bias(model: nn.Module, originals: Mapping[str, nn.Module], calib: An
 # ----------------------------------------------------------------------------- guarded recovery
 
 
-def _guarded(step: str, error: float, apply: Any, undo: Any, measure: Any) -> dict[str, Any]:
+def _guarded(step: str, error: float, apply: Callable[[], Any], undo: Callable[[], None],
+             measure: Callable[[], float]) -> dict[str, Any]:
     """Run ``apply()``; keep it if the output error did not grow, else ``undo()``."""
     t0 = time.perf_counter()
     info = apply()
@@ -305,8 +306,8 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
     """Bias correction, then BN re-estimation, on ``model`` (in place), each kept only where it
     lowers the output error on ``calib`` and undone otherwise; so recovery never raises it.
 
-    The error is :func:`output_error` against ``reference``, or with ``refresh_reference`` (and BN
-    layers in ``reference``) against a copy of it whose BN statistics are re-estimated on ``calib``:
+    The error is :func:`output_error` against ``reference``, or with ``refresh_reference`` (``bn``
+    on and BN layers in ``reference``) against a copy of it whose BN statistics are re-estimated on ``calib``:
     the uncompressed model given the statistics the recovered model gets, so that BN
     re-estimation is not judged by how far the reference's training-time statistics are from the
     calibration data's. Defaults by measurement (``benchmarks/results/recovery_mri.md``).
@@ -318,7 +319,7 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
     start = time.perf_counter()
     modules = _check_originals(model, originals, biased=bias)
     target = reference
-    if refresh_reference and _batchnorms(reference):
+    if refresh_reference and bn and _batchnorms(reference):
         target = copy.deepcopy(reference)
         reestimate_bn(target, calib, batch_size=batch_size)
 
