@@ -21,8 +21,8 @@ from hsc_plugin.tiling import Tiling, output_box
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd": ("global_svd", {"data_aware": True}),
     "tucker2": ("tucker2", {"data_aware": True}),
-    "hsc-input": ("hsc", {"channel_side": "input"}),
-    "hsc-output": ("hsc", {"channel_side": "output"}),
+    "hsc-input": ("hsc", {"channel_side": "input", "alternatives": False}),  # regional modules, as asked
+    "hsc-output": ("hsc", {"channel_side": "output", "alternatives": False}),
 }
 
 
@@ -47,7 +47,8 @@ def _compressed(reference: nn.Module, key: str) -> nn.Module:
     """A fresh copy of ``reference`` compressed 4x in MACs by METHODS[key] (compressed once)."""
     if key not in _COMPRESSED:
         method, opts = METHODS[key]
-        _COMPRESSED[key] = compress(reference, method, calib=_calib(), budget=4.0, progress=False, **opts).model
+        _COMPRESSED[key] = compress(reference, method, calib=_calib(), budget=4.0, progress=False,
+                                    bn_reestimation=False, **opts).model  # the factorised model itself
     return copy.deepcopy(_COMPRESSED[key])
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.allocation import CandidateAllocation
-from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
+from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
@@ -140,7 +140,12 @@ class HSC(Compressor):
     def _competes(self, info: LayerInfo, context: PlanContext | None) -> bool:
         """Whether the layer's forms compete for the budget (HSC's level 4): with a budget, unless
         ``alternatives=False``."""
-        return self.alternatives and context is not None and context.has_budget and self._spatial(info)
+        return self.alternatives and context is not None and context.has_budget
+
+    @staticmethod
+    def _tucker(info: LayerInfo) -> bool:
+        """Whether Tucker-2 is a form of its own here (a k×k conv; 1×1 convs and Linear are SVDs)."""
+        return isinstance(info.module, nn.Conv2d) and info.module.kernel_size != (1, 1)
 
     def _factorisers(self, competes: bool) -> list[BlockFactoriser]:
         """The chosen block factoriser, and — when forms compete — every built-in one as well."""
@@ -167,7 +172,8 @@ class HSC(Compressor):
     def statistics_bytes(self, info: LayerInfo, context: PlanContext | None = None) -> int:
         m = info.module
         if not self._spatial(info):
-            return 8 * (int(m.weight.shape[0]) ** 2 + 1)  # float64 moment and its count
+            inputs = self._tucker(info) and self._competes(info, context)
+            return 8 * (int(m.weight.shape[0]) ** 2 + 1 + (m.in_channels ** 2 + 1 if inputs else 0))
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
         return (CellStats.nbytes(m.out_channels, grid, out_moments)
@@ -176,14 +182,17 @@ class HSC(Compressor):
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         m = info.module
         dev = m.weight.device
-        if not self._spatial(info):
-            return [OutputMoment(m.weight.shape[0], dev)]
+        if not self._spatial(info):  # grouped convs and Linear: one region, one cluster
+            accs: list[Accumulator] = [OutputMoment(m.weight.shape[0], dev)]
+            if self._tucker(info) and self._competes(info, context):
+                accs.append(InputChannelMoment(m.in_channels, dev))
+            return accs
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
         # Output cell moments serve the partitioner, output clusters and every one-cluster form;
         # input cell moments the input clusters and Tucker-2 blocks. The input clusters' own output
         # statistics come in the second pass, once the clusters are known.
-        accs: list[Accumulator] = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
+        accs = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
         if inputs:
             accs.append(CellStats(m.in_channels, grid, info.out_hw, "input", dev))
         return accs
@@ -212,7 +221,10 @@ class HSC(Compressor):
     def plan(self, info: LayerInfo, stats: list[Accumulator],
              context: PlanContext | None = None) -> LayerPlan | list[LayerPlan] | str:
         if not self._spatial(info):
-            return SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
+            svd = SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
+            if len(stats) < 2:
+                return svd
+            return [svd, Tucker2Plan(info, stats[0].S, stats[1].S, form="data-aware Tucker-2 (per group)")]
         outs: CellStats = stats[0]  # type: ignore[assignment]
         ins = next((a for a in stats[1:] if isinstance(a, CellStats)), None)
         contributions = [a for a in stats if isinstance(a, ClusterContributions)]

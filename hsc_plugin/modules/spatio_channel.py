@@ -199,22 +199,6 @@ class RegionBlock(nn.Module):
             out.update(block=self.block, ranks_in=self.ranks_in)
         return out
 
-
-def _check_block(side: str, block: str, clusters: list[list[int]], ranks: list[int],
-                 ranks_in: list[int] | None) -> None:
-    if side not in ("input", "output"):
-        raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
-    if block not in ("svd", "tucker2"):
-        raise ValueError(f"block must be 'svd' or 'tucker2', got {block!r}")
-    if len(ranks) != len(clusters):
-        raise ValueError(f"{len(clusters)} clusters but {len(ranks)} ranks")
-    if block == "tucker2":
-        if ranks_in is None or len(ranks_in) != len(clusters):
-            raise ValueError(f"block='tucker2' needs ranks_in, one per cluster ({len(clusters)}), got {ranks_in!r}")
-        bad = [c for c, (r, q) in enumerate(zip(ranks, ranks_in)) if r > 0 and int(q) < 1]
-        if bad:
-            raise ValueError(f"block='tucker2': kept clusters {bad} have input rank 0 (drop them with rank 0)")
-
     @torch.no_grad()
     def add_output_bias(self, delta: torch.Tensor) -> None:
         """Shift every output channel by ``delta`` (C_out,): in the one 1×1 (input side), in each
@@ -231,6 +215,22 @@ def _check_block(side: str, block: str, clusters: list[list[int]], ranks: list[i
             add_bias(conv, delta[self.clusters[i]])
         if self.dropped:
             self.dropped_bias += delta[self.dropped].to(self.dropped_bias)
+
+
+def _check_block(side: str, block: str, clusters: list[list[int]], ranks: list[int],
+                 ranks_in: list[int] | None) -> None:
+    if side not in ("input", "output"):
+        raise ValueError(f"channel_side must be 'input' or 'output', got {side!r}")
+    if block not in ("svd", "tucker2"):
+        raise ValueError(f"block must be 'svd' or 'tucker2', got {block!r}")
+    if len(ranks) != len(clusters):
+        raise ValueError(f"{len(clusters)} clusters but {len(ranks)} ranks")
+    if block == "tucker2":
+        if ranks_in is None or len(ranks_in) != len(clusters):
+            raise ValueError(f"block='tucker2' needs ranks_in, one per cluster ({len(clusters)}), got {ranks_in!r}")
+        bad = [c for c, (r, q) in enumerate(zip(ranks, ranks_in)) if r > 0 and int(q) < 1]
+        if bad:
+            raise ValueError(f"block='tucker2': kept clusters {bad} have input rank 0 (drop them with rank 0)")
 
 
 class SpatioChannelConv2d(FactorisedModule, nn.Module):
