@@ -5,9 +5,10 @@
   Like tp's pruners (and unlike :func:`hsc_plugin.compress`) it **modifies the model it was
   given**; a step that fails leaves the model as it was.
 * :func:`tp_kwargs` — the keyword arguments that make tp prune a compressed model correctly:
-  the rank layers in ``ignored_layers`` (tp would shrink ranks like any channel), a pruning
-  function for the HSC module (:class:`SpatioChannelPruner`) and a ``forward_fn`` that lets tp
-  trace it as one layer.
+  the rank layers in ``ignored_layers`` (tp would shrink ranks like any channel), and for every
+  type that asks to be one layer (``tp_one_op``: the HSC and regional-expansion modules) a
+  pruning function (:class:`SpatioChannelPruner`, channel surgery by :func:`prune_channels`) and
+  a ``forward_fn`` that lets tp trace it as one layer.
 * :func:`compare_macs` — our MAC count next to ``tp.utils.count_ops_and_params`` (units differ).
 """
 
@@ -32,7 +33,7 @@ from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.compressors.base import set_submodule
 from hsc_plugin.costs import measure_costs
-from hsc_plugin.modules import FactorisedModule, RegionBlock, SpatioChannelConv2d
+from hsc_plugin.modules import TYPES, FactorisedModule, RegionalExpansionConv2d, RegionBlock, SpatioChannelConv2d
 from hsc_plugin.report import Report
 
 __all__ = ["LowRankPruner", "SpatioChannelPruner", "tp_kwargs", "rank_layers", "hsc_forward_fn",
@@ -40,105 +41,123 @@ __all__ = ["LowRankPruner", "SpatioChannelPruner", "tp_kwargs", "rank_layers", "
 
 
 # -- making a compressed model prunable by tp --------------------------------------------------------
+# Types that tp must treat as one layer (``tp_one_op``) get their channel surgery here, one function
+# per type name in ``_SURGERY``; the others are plain Conv2d/Linear chains that tp prunes itself.
 
-def prune_channels(layer: SpatioChannelConv2d, in_keep: list[int] | None = None,
-                   out_keep: list[int] | None = None) -> None:
-    """Keep only input channels ``in_keep`` and output channels ``out_keep``, in place.
+def prune_channels(layer: nn.Module, in_keep: list[int] | None = None, out_keep: list[int] | None = None) -> None:
+    """Keep only input channels ``in_keep`` and output channels ``out_keep`` of ``layer``, in place.
 
-    For structured pruners (torch-pruning), which change the module they were given. Every
-    region's clusters are re-indexed; a cluster left empty is removed with its rank; the other
-    ranks are unchanged. The new blocks are built before any is swapped in, so an error leaves
-    the module as it was.
+    For structured pruners (torch-pruning), which change the module they were given; for every
+    type tp treats as one layer (an HSC module, a regional-expansion module). Ranks are unchanged
+    (an HSC cluster left empty is removed with its rank). The new parts are built before any is
+    swapped in, so an error leaves the module as it was.
     """
+    surgery = _SURGERY.get(type(layer).__name__)
+    if surgery is None:
+        raise NotImplementedError(f"no channel surgery for {type(layer).__name__}; known: {sorted(_SURGERY)}")
     ins = list(range(layer.in_channels)) if in_keep is None else sorted({int(i) for i in in_keep})
     outs = list(range(layer.out_channels)) if out_keep is None else sorted({int(i) for i in out_keep})
     for keep, n, what in ((ins, layer.in_channels, "input"), (outs, layer.out_channels, "output")):
         if not keep or keep[0] < 0 or keep[-1] >= n:
             raise ValueError(f"{what} channels to keep must be a non-empty subset of range({n})")
-    blocks = nn.ModuleList(_pruned_block(b, ins, outs) for b in layer.blocks)
-    layer.blocks = blocks
+    surgery(layer, ins, outs)
     layer.in_channels, layer.out_channels = len(ins), len(outs)
+
+
+def _prune_hsc(layer: SpatioChannelConv2d, ins: list[int], outs: list[int]) -> None:
+    """Every region's clusters are re-indexed; a cluster left empty goes with its rank."""
+    layer.blocks = nn.ModuleList(_pruned_block(b, ins, outs) for b in layer.blocks)
 
 
 @torch.no_grad()
 def _pruned_block(b: RegionBlock, ins: list[int], outs: list[int]) -> RegionBlock:
-    """A copy of ``b`` restricted to input channels ``ins`` and output channels ``outs``."""
-    ref = b.const_bias
-    kept = [i for i, r in enumerate(b.ranks) if r > 0]
-    offs = [sum(b.ranks[j] for j in kept[:n]) for n in range(len(kept) + 1)]
-    bias = torch.zeros(b.out_channels, dtype=ref.dtype, device=ref.device)  # the block's bias per channel
-    if b.total_rank == 0:
-        bias.copy_(b.const_bias)
-    elif b.side == "input":
-        if b.expands[0].bias is not None:
-            bias.copy_(b.expands[0].bias)
-    else:
-        for j, i in enumerate(kept):
-            if b.expands[j].bias is not None:
-                bias[b.clusters[i]] = b.expands[j].bias
-        if b.n_dropped:
-            bias[b.dropped] = b.dropped_bias
-    # Per kept cluster: its k×k filters (rank × in × k × k) and its 1×1 columns (out × rank).
-    if b.side == "input":
-        grouped = len(b.reduces) == 1 and len(kept) > 1
-        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] if grouped else b.reduces[n].weight for n in range(len(kept))]
-        exp = [b.expands[0].weight[:, offs[n]:offs[n + 1]] for n in range(len(kept))]
-    else:
-        red = [b.reduces[0].weight[offs[n]:offs[n + 1]] for n in range(len(kept))]
-        exp = [b.expands[n].weight for n in range(len(kept))]
-    side_keep = ins if b.side == "input" else outs
-    pos = {ch: p for p, ch in enumerate(side_keep)}
-    clusters, ranks, members = [], [], {}
+    """A copy of ``b`` restricted to input channels ``ins`` and output channels ``outs``.
+
+    Per kept cluster (:meth:`RegionBlock.factors`): the factor that reads the input (``first``
+    for tucker2, else the k×k ``core``) loses the pruned inputs; ``expand`` loses the pruned outputs.
+    """
+    ref, bias, old = b.const_bias, b.channel_bias(), b.factors()
+    pos = {ch: p for p, ch in enumerate(ins if b.side == "input" else outs)}
+    clusters, ranks, ranks_in, members = [], [], [], {}
     for i, cl in enumerate(b.clusters):
         at = [k for k, ch in enumerate(cl) if ch in pos]
         if at:
             members[i] = at
             clusters.append([pos[cl[k]] for k in at])
             ranks.append(b.ranks[i])
+            ranks_in.append(b.ranks_in[i] if b.block == "tucker2" else 0)
     geometry = {"kernel_size": b.kernel_size, "stride": b.stride, "padding": b.padding,
                 "dilation": b.dilation, "padding_mode": b.padding_mode}
-    new = RegionBlock(len(ins), len(outs), geometry, b.side, clusters, ranks, b.has_bias,
-                      device=ref.device, dtype=ref.dtype)
-    live = [n for n, i in enumerate(kept) if i in members]
+    new = RegionBlock(len(ins), len(outs), geometry, b.side, clusters, ranks, b.has_bias, device=ref.device,
+                      dtype=ref.dtype, block=b.block, ranks_in=ranks_in if b.block == "tucker2" else None)
     o = torch.tensor(outs, device=ref.device)
-    if b.side == "input":
-        filters = [red[n][:, members[kept[n]]] for n in live]
-        if len(new.reduces) == 1 and len(filters) > 1:
-            new.reduces[0].weight.copy_(torch.cat(filters, 0))
-        else:
-            for conv, f in zip(new.reduces, filters):
-                conv.weight.copy_(f)
-        if new.expands:
-            new.expands[0].weight.copy_(torch.cat([exp[n] for n in live], 1).index_select(0, o))
-            if new.expands[0].bias is not None:
-                new.expands[0].bias.copy_(bias.index_select(0, o))
-    else:
-        if new.reduces:
-            new.reduces[0].weight.copy_(torch.cat([red[n] for n in live], 0)[:, ins])
-        for conv, n in zip(new.expands, live):
-            at = members[kept[n]]
-            conv.weight.copy_(exp[n][at])
-            if conv.bias is not None:
-                conv.bias.copy_(bias[[b.clusters[kept[n]][k] for k in at]])
-        if new.n_dropped:
-            new.dropped_bias.copy_(bias[[outs[ch] for ch in new.dropped]])
+    live = [n for n, i in enumerate(b.kept) if i in members]  # new.kept follows the same order
+    for n, f in zip(live, new.factors()):
+        at = torch.tensor(members[b.kept[n]] if b.side == "input" else ins, device=ref.device)
+        entry = "first" if b.block == "tucker2" else "core"
+        f[entry].copy_(old[n][entry].index_select(1, at))
+        if b.block == "tucker2":
+            f["core"].copy_(old[n]["core"])
+        rows = o if b.side == "input" else torch.tensor(members[b.kept[n]], device=ref.device)
+        f["expand"].copy_(old[n]["expand"].index_select(0, rows))
+    if b.side == "input" and len(new.expands) and new.expands[0].bias is not None:
+        new.expands[0].bias.copy_(bias.index_select(0, o))
+    for e, i in zip(new.expands if b.side == "output" else [], new.kept):
+        if e.bias is not None:
+            e.bias.copy_(bias[[outs[ch] for ch in new.clusters[i]]])
+    if new.n_dropped:
+        new.dropped_bias.copy_(bias[[outs[ch] for ch in new.dropped]])
     if new.total_rank == 0:
         new.const_bias.copy_(bias.index_select(0, o))
-    trainable = any(p.requires_grad for p in b.parameters())
+    _like(new, b)
+    return new
+
+
+def _like(new: nn.Module, old: nn.Module) -> None:
+    """``new`` trains (or not) and is in the mode that ``old`` was."""
+    trainable = any(p.requires_grad for p in old.parameters())
     for p in new.parameters():
         p.requires_grad_(trainable)
-    return new.train(b.training)
+    new.train(old.training)
+
+
+@torch.no_grad()
+def _prune_regional(layer: RegionalExpansionConv2d, ins: list[int], outs: list[int]) -> None:
+    """The factor that reads the input (``first``, or ``reduce`` for svd) loses the pruned inputs;
+    every region's 1×1 loses the pruned outputs; the reduction's rank is unchanged."""
+    ref = layer.reduce.weight
+    new = RegionalExpansionConv2d.from_spec({**layer.spec(), "in_channels": len(ins), "out_channels": len(outs)},
+                                            device=ref.device, dtype=ref.dtype)
+    i, o = torch.tensor(ins, device=ref.device), torch.tensor(outs, device=ref.device)
+    if layer.base == "tucker2":
+        new.first.weight.copy_(layer.first.weight.index_select(1, i))
+        new.reduce.weight.copy_(layer.reduce.weight)
+    else:
+        new.reduce.weight.copy_(layer.reduce.weight.index_select(1, i))
+    for e_new, e in zip(new.expands, layer.expands):
+        e_new.weight.copy_(e.weight.index_select(0, o))
+        if e.bias is not None:
+            e_new.bias.copy_(e.bias.index_select(0, o))
+    _like(new, layer)
+    layer.first, layer.reduce, layer.expands = new.first, new.reduce, new.expands
+
+
+_SURGERY: dict[str, Callable[[Any, list[int], list[int]], None]] = {
+    "SpatioChannelConv2d": _prune_hsc,
+    "RegionalExpansionConv2d": _prune_regional,
+}
 
 
 class SpatioChannelPruner(tp.pruner.function.BasePruningFunc):
-    """tp pruning function for :class:`~hsc_plugin.modules.SpatioChannelConv2d`.
+    """tp pruning function for every factorised type that tp treats as one layer (``tp_one_op``:
+    :class:`~hsc_plugin.modules.SpatioChannelConv2d`, :class:`~hsc_plugin.modules.RegionalExpansionConv2d`).
 
-    Removes input or output channels consistently in every region block (clusters are index
-    lists, so they are re-indexed); ranks are not touched. Input and output pruning are separate
-    functions, so tp sees no dependency between the module's inputs and outputs (like a conv).
+    Removes input or output channels by :func:`prune_channels` (HSC clusters are index lists, so
+    they are re-indexed); ranks are not touched. Input and output pruning are separate functions,
+    so tp sees no dependency between the module's inputs and outputs (like a conv).
     """
 
-    TARGET_MODULES = (SpatioChannelConv2d,)
+    TARGET_MODULES = tuple(TYPES[name] for name in _SURGERY)
 
     def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
         drop = set(int(i) for i in idxs)
@@ -157,9 +176,13 @@ class SpatioChannelPruner(tp.pruner.function.BasePruningFunc):
         return layer.in_channels
 
 
+def _one_op_types() -> list[type]:
+    return [t for t in TYPES.values() if t.tp_one_op]
+
+
 class _OneOp(torch.autograd.Function):
     """Identity on ``y`` whose autograd node links straight to ``x``: tp's tracer (which walks
-    ``grad_fn``) then sees the HSC module as one layer instead of its internal slices and concats,
+    ``grad_fn``) then sees a one-op module as one layer instead of its internal slices and concats,
     which it would otherwise read as channel index maps between the module's input and output."""
 
     @staticmethod
@@ -172,7 +195,7 @@ class _OneOp(torch.autograd.Function):
 
 
 def hsc_forward_fn(forward_fn: Callable[[nn.Module, Any], Any] | None = None) -> Callable[[nn.Module, Any], Any]:
-    """A tp ``forward_fn`` under which every HSC module traces as a single layer.
+    """A tp ``forward_fn`` under which every ``tp_one_op`` module (HSC, regional) traces as one layer.
 
     Wraps ``forward_fn`` (default: ``model(example_inputs)``, tp's own default). Only tp's graph
     tracing calls it; the model's real forward is unchanged.
@@ -186,7 +209,7 @@ def hsc_forward_fn(forward_fn: Callable[[nn.Module, Any], Any] | None = None) ->
 
         # prepend: tp's own recording hook, registered before this runs, must see our output
         handles = [m.register_forward_hook(hook, prepend=True) for m in model.modules()
-                   if isinstance(m, SpatioChannelConv2d)]
+                   if getattr(type(m), "tp_one_op", False)]
         try:
             if forward_fn is not None:
                 return forward_fn(model, example_inputs)
@@ -206,7 +229,8 @@ def rank_layers(model: nn.Module) -> list[nn.Module]:
     """The convs/linears whose output channels are ranks of a factorised layer.
 
     The first factor of ``LowRankConv2d``/``LowRankLinear`` and the first two of ``Tucker2Conv2d``
-    (both of its ranks). HSC ranks need nothing: the HSC module is pruned as one layer.
+    (both of its ranks), as each type says (``rank_layers()``). Modules that tp prunes as one layer
+    (HSC, regional expansion) keep their ranks anyway: tp never sees their inner convs.
     """
     return [layer for m in model.modules() if isinstance(m, FactorisedModule) for layer in m.rank_layers()]
 
@@ -217,13 +241,13 @@ def tp_kwargs(model: nn.Module, *, prune_ranks: bool = False,
 
     ``ignored_layers``: the rank layers (:func:`rank_layers`), unless ``prune_ranks=True``; add
     your own (e.g. the classifier) to the list. ``customized_pruners`` and ``root_module_types``
-    make the HSC module a prunable layer; ``forward_fn`` (wrapping yours, if any) makes tp trace it
-    as one layer. Without these tp shrinks ranks as channels and mis-groups HSC modules.
+    make every ``tp_one_op`` type a prunable layer; ``forward_fn`` (wrapping yours, if any) makes
+    tp trace it as one layer. Without these tp shrinks ranks as channels and mis-groups them.
     """
     return {
         "ignored_layers": [] if prune_ranks else rank_layers(model),
-        "customized_pruners": {SpatioChannelConv2d: SpatioChannelPruner()},
-        "root_module_types": [nn.Conv2d, nn.Linear, nn.LSTM, SpatioChannelConv2d],
+        "customized_pruners": {t: SpatioChannelPruner() for t in _one_op_types()},
+        "root_module_types": [nn.Conv2d, nn.Linear, nn.LSTM, *_one_op_types()],
         "forward_fn": hsc_forward_fn(forward_fn),
     }
 
@@ -302,7 +326,7 @@ class LowRankPruner:
     replacing layers in place, as tp users expect; a step that fails (e.g. an unreachable budget)
     raises and leaves the model as it was. Each step re-factorises from dense weights: a
     Global-SVD/Tucker-2 layer is first multiplied back out (keeping what fine-tuning taught it);
-    an HSC layer, which has no dense equivalent, restarts from the layer it replaced.
+    a layer with no dense equivalent (HSC, regional expansion) restarts from the layer it replaced.
 
     ``budget`` (a :class:`~hsc_plugin.Budget`, ``"3x"``, or ``"params=4x"``) is the general form
     of ``macs_ratio``. ``calib``: calibration data (required by ``hsc`` and ``data_aware=True``);
@@ -357,7 +381,7 @@ class LowRankPruner:
         self.ignored_layers = ignored
         self._ignored_names = [n for n, m in model.named_modules() if any(m is i for i in ignored)]
         self._base_cost = float(self._cost(model))
-        self._originals: dict[str, nn.Module] = {}  # dense layers that HSC modules replaced
+        self._originals: dict[str, nn.Module] = {}  # dense layers that modules without to_dense() replaced
 
     def _cost(self, model: nn.Module) -> float:
         return float(measure_costs(model, self.example_inputs[:1]).of(self.budget.metric))
@@ -381,13 +405,13 @@ class LowRankPruner:
             if not name or self._under(name, keep_out) or self._under(name, list(dense_now)):
                 continue
             dense = m.to_dense() if isinstance(m, FactorisedModule) else None
-            if dense is None and isinstance(m, SpatioChannelConv2d):
+            if dense is None and isinstance(m, FactorisedModule):
                 orig = self._originals.get(name)
                 if orig is None:  # not ours: leave it, and keep its inner convs out of the targets
                     keep_out.append(name)
                     continue
                 if (orig.in_channels, orig.out_channels) != (m.in_channels, m.out_channels):
-                    raise ValueError(f"HSC layer {name!r} was channel-pruned since the last step, so it cannot "
+                    raise ValueError(f"Layer {name!r} was channel-pruned since the last step, so it cannot "
                                      "be re-factorised from its dense weights; run every LowRankPruner step "
                                      "before pruning channels")
                 dense = copy.deepcopy(orig)
@@ -410,7 +434,7 @@ class LowRankPruner:
         originals = dict(self._originals)
         for name in changed:
             new = out.get_submodule(name)
-            if isinstance(new, SpatioChannelConv2d):
+            if isinstance(new, FactorisedModule) and new.to_dense() is None:
                 originals.setdefault(name, before[name])
             else:
                 originals.pop(name, None)

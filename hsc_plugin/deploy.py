@@ -11,17 +11,17 @@ import copy
 import torch
 from torch import fx, nn
 
-from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d
-from hsc_plugin.spatial import SpatioChannelConv2d
+from hsc_plugin.modules import FactorisedModule
+from hsc_plugin.modules.base import fold_affine
 
 __all__ = ["fold_bn"]
 
-_LEAVES = (LowRankConv2d, Tucker2Conv2d, SpatioChannelConv2d)
-
 
 class _Tracer(fx.Tracer):
+    """Every factorised module is one node: the BN that follows it is asked of the module's type."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, FactorisedModule) or super().is_leaf_module(m, qualname)
 
 
 def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,41 +31,12 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, b - bn.running_mean * scale
 
 
-def _fold_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    w = conv.weight
-    conv.weight.data = w.detach() * scale.to(w).view(-1, *([1] * (w.dim() - 1)))
-    old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift).to(w)
-    conv.bias = nn.Parameter(old * scale.to(w) + shift.to(w))
-
-
-def _fold_spatial(m: SpatioChannelConv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    for b in m.blocks:
-        b.const_bias.data = b.const_bias * scale.to(b.const_bias) + shift.to(b.const_bias)
-        b.has_bias = True
-        if b.side == "input":
-            if len(b.expands):
-                _fold_conv(b.expands[0], scale, shift)
-            continue
-        kept = [i for i, r in enumerate(b.ranks) if r > 0]
-        for conv, i in zip(b.expands, kept):
-            idx = torch.tensor(b.clusters[i], dtype=torch.long)
-            _fold_conv(conv, scale[idx], shift[idx])
-        if b.dropped:
-            idx = torch.tensor(b.dropped, dtype=torch.long)
-            b.dropped_bias.data = b.dropped_bias * scale[idx].to(b.dropped_bias) + shift[idx].to(b.dropped_bias)
-
-
 def _fold_into(producer: nn.Module, bn: nn.BatchNorm2d) -> bool:
     scale, shift = _affine(bn)
-    if isinstance(producer, SpatioChannelConv2d):
-        if producer.out_channels != bn.num_features:
-            return False
-        _fold_spatial(producer, scale, shift)
-        return True
-    if isinstance(producer, (LowRankConv2d, Tucker2Conv2d)):
-        producer = list(producer.children())[-1]
+    if isinstance(producer, FactorisedModule):
+        return producer.fold_bn(scale, shift)  # each type knows its last factor(s)
     if isinstance(producer, nn.Conv2d) and producer.out_channels == bn.num_features:
-        _fold_conv(producer, scale, shift)
+        fold_affine(producer, scale, shift)
         return True
     return False
 
@@ -87,7 +58,7 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
 def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Sequential) and not isinstance(m, _LEAVES):
+        if isinstance(m, nn.Sequential) and not isinstance(m, FactorisedModule):
             kids = list(m.named_children())
             for (a, _), (b, bm) in zip(kids, kids[1:]):
                 if isinstance(bm, nn.BatchNorm2d):

@@ -6,6 +6,9 @@ With ``tests/`` on ``sys.path`` (pytest puts it there; the CLI tests add it for 
 
 from __future__ import annotations
 
+import copy
+import random
+
 import torch
 from torch import nn
 
@@ -110,3 +113,48 @@ def hsc_from_conv(conv: nn.Conv2d, tiling: "Tiling", side: str, region_clusters:
             f["expand"].copy_(expand)
         set_block_bias(blk, conv.bias)
     return m.train(conv.training)
+
+
+FORMS = ("regional-svd", "regional-tucker2", "hsc-tucker2-input", "hsc-tucker2-output")
+"""Execution forms no compressor produces yet, built by :func:`factorise_convs` for the deployment tests."""
+
+
+def form_from_conv(conv: nn.Conv2d, form: str, tiling: "Tiling", seed: int = 0) -> nn.Module:
+    """``conv`` as one of :data:`FORMS` at about half its ranks (2 clusters per region for HSC)."""
+    ci, co = conv.in_channels, conv.out_channels
+    if form.startswith("regional"):
+        if form == "regional-svd":
+            rank = max(1, min(co, conv.weight[0].numel()) // 2)
+            return regional_from_conv(conv, tiling, rank, jitter=0.05, seed=seed)
+        return regional_from_conv(conv, tiling, max(1, co // 2), base="tucker2", rank_in=max(1, ci // 2),
+                                  jitter=0.05, seed=seed)
+    side = form.rsplit("-", 1)[1]
+    n = ci if side == "input" else co
+    k = min(2, n)
+    region_clusters, region_ranks, region_ranks_in = [], [], []
+    for r in range(tiling.n_regions):  # other clusters in every region
+        perm = random.Random(seed * 1000 + r).sample(range(n), n)
+        cl = [sorted(perm[j::k]) for j in range(k)]
+        region_clusters.append(cl)
+        if side == "output":
+            region_ranks.append([max(1, len(c) // 2) for c in cl])
+            region_ranks_in.append([max(1, ci // 2)] * k)
+        else:
+            region_ranks.append([max(1, co // 4)] * k)
+            region_ranks_in.append([max(1, len(c) // 2) for c in cl])
+    return hsc_from_conv(conv, tiling, side, region_clusters, region_ranks, block="tucker2",
+                         region_ranks_in=region_ranks_in)
+
+
+def factorise_convs(model: nn.Module, form: str, tiling: "Tiling | None" = None) -> nn.Module:
+    """A copy of ``model`` with every ungrouped ``nn.Conv2d`` replaced by ``form`` (2×2 regions by default)."""
+    from hsc_plugin.tiling import Tiling
+
+    tiling = tiling or Tiling.uniform((2, 2), 2, 2)
+    out = copy.deepcopy(model)
+    names = [n for n, m in out.named_modules() if type(m) is nn.Conv2d and m.groups == 1]
+    for i, name in enumerate(names):
+        parent, _, leaf = name.rpartition(".")
+        holder = out.get_submodule(parent) if parent else out
+        setattr(holder, leaf, form_from_conv(getattr(holder, leaf), form, tiling, seed=i))
+    return out

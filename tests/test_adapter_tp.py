@@ -24,7 +24,15 @@ from hsc_plugin.adapters.torch_pruning import (  # noqa: E402
     rank_layers,
     tp_kwargs,
 )
-from hsc_plugin.modules import LowRankConv2d, LowRankLinear, SpatioChannelConv2d, Tucker2Conv2d  # noqa: E402
+from _factories import FORMS, factorise_convs, quadtree_tiling  # noqa: E402
+from hsc_plugin.modules import (  # noqa: E402
+    FactorisedModule,
+    LowRankConv2d,
+    LowRankLinear,
+    RegionalExpansionConv2d,
+    SpatioChannelConv2d,
+    Tucker2Conv2d,
+)
 from hsc_plugin.tiling import Tiling  # noqa: E402
 
 # every method, and HSC on both channel sides (the stem is an input-side HSC module by default)
@@ -59,17 +67,16 @@ def compressed() -> dict[str, nn.Module]:
 
 
 def _ranks(model: nn.Module) -> dict[str, dict]:
-    types = (LowRankConv2d, LowRankLinear, Tucker2Conv2d) + (SpatioChannelConv2d,)
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, types):
+        if isinstance(m, FactorisedModule):
             s = m.spec()
-            out[name] = {k: v for k, v in s.items() if k.startswith("rank") or k == "region_ranks"}
+            out[name] = {k: v for k, v in s.items() if k.startswith(("rank", "region_ranks"))}
     return out
 
 
 def _out_channels(m: nn.Module) -> int:
-    if isinstance(m, SpatioChannelConv2d):
+    if isinstance(m, (SpatioChannelConv2d, RegionalExpansionConv2d)):
         return m.out_channels
     return [c for c in m.modules() if isinstance(c, nn.Conv2d)][-1].out_channels
 
@@ -93,10 +100,31 @@ def _round_trip(module: nn.Module) -> nn.Module:
     return twin.eval()
 
 
+@pytest.fixture(scope="module")
+def built() -> dict[str, nn.Module]:
+    """The same resnet18 with every conv in a form no compressor makes yet (built from its weights)."""
+    torch.manual_seed(0)
+    base = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    return {form: factorise_convs(base, form) for form in FORMS}
+
+
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
-    model = copy.deepcopy(compressed[method])
+    _check_tp_prunes_keeping_ranks(copy.deepcopy(compressed[method]), method)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_tp_prunes_new_forms_keeping_ranks(built, form):
+    model = copy.deepcopy(built[form])
+    _check_tp_prunes_keeping_ranks(model, form)
+    c = compare_macs(model, X[:2])  # tp counts the pruned forms' convs as we do
+    assert c.agree and c.params == c.tp_params, c
+
+
+def _check_tp_prunes_keeping_ranks(model: nn.Module, method: str) -> None:
     ranks = _ranks(model)
+    io = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules()
+          if isinstance(m, (SpatioChannelConv2d, RegionalExpansionConv2d))}
     assert ranks, "the compressed model has factorised layers"
     bn_before = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     _tp_prune(model)
@@ -105,7 +133,8 @@ def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
     after = _ranks(model)
     for name, r in ranks.items():  # ignored rank layers: no rank shrank
         if "region_ranks" in r:  # HSC: a cluster whose channels were all pruned goes, with its rank
-            assert all(_subsequence(a, b) for a, b in zip(after[name]["region_ranks"], r["region_ranks"]))
+            for key in {"region_ranks", "region_ranks_in"} & set(r):
+                assert all(_subsequence(a, b) for a, b in zip(after[name][key], r[key]))
         else:
             assert after[name] == r
     stem = model.conv1  # issue 14: tp pruned bn1 but not the factorised stem's outputs
@@ -113,15 +142,18 @@ def test_tp_prunes_compressed_resnet18_keeping_ranks(compressed, method):
     y = model(X)
     assert y.shape == (len(X), 4) and torch.isfinite(y).all()
     for m in model.modules():  # every replaced layer still rebuilds from its spec
-        if isinstance(m, (LowRankConv2d, LowRankLinear, Tucker2Conv2d) + (SpatioChannelConv2d,)):
+        if isinstance(m, FactorisedModule):
             x = torch.randn(1, m.spec().get("in_channels", 0) or m.spec()["in_features"], 8, 8)
             if "in_features" in m.spec():
                 x = x[:, :, 0, 0]
             torch.testing.assert_close(_round_trip(m)(x), m.eval()(x))
-    if method.startswith("hsc"):
-        hsc = [m for m in model.modules() if isinstance(m, SpatioChannelConv2d)]
-        assert hsc and any(len(m.blocks) > 1 for m in hsc)
-        assert any(m.out_channels < 64 for m in hsc)  # HSC layers' own channels were pruned too
+    if method.startswith(("hsc", "regional")):
+        kind = SpatioChannelConv2d if method.startswith("hsc") else RegionalExpansionConv2d
+        mods = [m for m in model.modules() if isinstance(m, kind)]
+        assert mods and any(m.tiling.n_regions > 1 for m in mods)
+        now = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, kind)}
+        assert any(now[n][0] < io[n][0] for n in io)  # their own channels were pruned too, both sides
+        assert any(now[n][1] < io[n][1] for n in io)
 
 
 def test_prune_ranks_true_shrinks_ranks(compressed):
@@ -138,20 +170,24 @@ def test_prune_ranks_true_shrinks_ranks(compressed):
     assert torch.isfinite(model(X)).all()
 
 
-def _random_hsc(side: str, tiling: Tiling, balanced: bool, bias: bool, gen: random.Random) -> SpatioChannelConv2d:
+def _random_hsc(side: str, tiling: Tiling, balanced: bool, bias: bool, gen: random.Random,
+                block: str = "svd") -> SpatioChannelConv2d:
     cin, cout = 12, 10
-    clusters, ranks = [], []
+    clusters, ranks, ranks_in = [], [], []
     for _ in range(tiling.n_regions):
         n = cin if side == "input" else cout
         perm = gen.sample(range(n), n)
         if balanced:
             clusters.append([sorted(perm[:n // 2]), sorted(perm[n // 2:])])
             ranks.append([3, 3])
+            ranks_in.append([2, 3])
         else:
             clusters.append([sorted(perm[:3]), sorted(perm[3:7]), sorted(perm[7:])])
             ranks.append([2, 0, 3])  # a zero-rank cluster: its outputs are the bias
+            ranks_in.append([2, 1, 3] if side == "input" else [4, 2, 5])
     geo = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "padding_mode": "zeros"}
-    m = SpatioChannelConv2d(cin, cout, geo, tiling, side, clusters, ranks, bias=bias)
+    m = SpatioChannelConv2d(cin, cout, geo, tiling, side, clusters, ranks, bias=bias, block=block,
+                            region_ranks_in=ranks_in if block == "tucker2" else None)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_()
@@ -160,19 +196,20 @@ def _random_hsc(side: str, tiling: Tiling, balanced: bool, bias: bool, gen: rand
     return m.eval()
 
 
-CASES = [(side, regions, balanced) for side in ("input", "output") for regions in (1, 4)
-         for balanced in ((False, True) if side == "input" else (False,))]
+CASES = [(side, regions, balanced, block) for side in ("input", "output") for regions in (1, 4)
+         for balanced in ((False, True) if side == "input" else (False,)) for block in ("svd", "tucker2")]
 
 
-@pytest.mark.parametrize("side,regions,balanced", CASES)
-def test_hsc_pruning_equals_slicing_the_layer(side, regions, balanced):
+@pytest.mark.parametrize("side,regions,balanced,block", CASES)
+def test_hsc_pruning_equals_slicing_the_layer(side, regions, balanced, block):
     """Pruned HSC module == the original with the pruned inputs zeroed, restricted to kept outputs."""
-    gen = random.Random(hash((side, regions, balanced)) % 1000)
+    gen = random.Random(sum(map(ord, f"{side}{regions}{balanced}{block}")))  # str hash() varies per run
     tiling = Tiling.full() if regions == 1 else Tiling.uniform((2, 2), 2, 2)
     fn = SpatioChannelPruner()
     for trial in range(6):
-        m = _random_hsc(side, tiling, balanced, bias=trial % 3 != 0, gen=gen)
+        m = _random_hsc(side, tiling, balanced, bias=trial % 3 != 0, gen=gen, block=block)
         ranks = [b.ranks for b in m.blocks]
+        ranks_in = [b.ranks_in for b in m.blocks]
         x = torch.randn(2, 12, 8, 8)
         n_in, n_out = (gen.randint(1, 11), gen.randint(1, 9)) if trial else (11, 9)
         drop_in = sorted(gen.sample(range(12), n_in))
@@ -190,8 +227,51 @@ def test_hsc_pruning_equals_slicing_the_layer(side, regions, balanced):
             y = m(x[:, keep_in])
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(_round_trip(m)(x[:, keep_in]), y)
-        for b, r in zip(m.blocks, ranks):
+        for b, r, q in zip(m.blocks, ranks, ranks_in):
             assert _subsequence(b.ranks, r)  # ranks are kept (only emptied clusters vanish)
+            assert _subsequence(b.ranks_in, q) and b.block == block
+
+
+@pytest.mark.parametrize("base", ["svd", "tucker2"])
+@pytest.mark.parametrize("tiling", ["1", "2x2", "quadtree"])
+def test_regional_pruning_equals_slicing_the_layer(tiling, base):
+    """Pruned regional module == the original with the pruned inputs zeroed, restricted to kept outputs."""
+    gen = random.Random(sum(map(ord, tiling + base)))
+    t = {"1": Tiling.full(), "2x2": Tiling.uniform((2, 2), 2, 2), "quadtree": quadtree_tiling()}[tiling]
+    geo = {"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "padding_mode": "reflect"}
+    for trial in range(4):
+        m = RegionalExpansionConv2d(12, 10, geo, t, 5, base=base, rank_in=4, bias=trial % 2 == 0)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_()
+        m.eval()
+        x = torch.randn(2, 12, 16, 15)
+        drop_in = sorted(gen.sample(range(12), gen.randint(1, 11)))
+        drop_out = sorted(gen.sample(range(10), gen.randint(1, 9)))
+        keep_in = [i for i in range(12) if i not in drop_in]
+        keep_out = [i for i in range(10) if i not in drop_out]
+        xz = x.clone()
+        xz[:, drop_in] = 0
+        with torch.no_grad():
+            ref = m(xz)[:, keep_out]
+        SpatioChannelPruner()(m, drop_in, to_output=False)
+        SpatioChannelPruner()(m, drop_out, to_output=True)
+        assert (m.in_channels, m.out_channels) == (len(keep_in), len(keep_out))
+        assert (m.spec()["rank"], m.spec()["rank_in"]) == (5, 4 if base == "tucker2" else None)
+        with torch.no_grad():
+            y = m(x[:, keep_in])
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(_round_trip(m)(x[:, keep_in]), y)
+
+
+def test_tp_kwargs_ask_the_types():
+    """Every type that asks to be one layer gets the pruning function and is a root type; others are refused."""
+    kw = tp_kwargs(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    one_op = {SpatioChannelConv2d, RegionalExpansionConv2d}
+    assert set(kw["customized_pruners"]) == one_op and one_op <= set(kw["root_module_types"])
+    geo = {"kernel_size": (1, 1), "stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "padding_mode": "zeros"}
+    with pytest.raises(NotImplementedError, match="LowRankConv2d"):
+        prune_channels(LowRankConv2d(4, 4, 2, geo), in_keep=[0, 1])
 
 
 def test_hsc_pruning_keeps_ranks_when_clusters_survive():

@@ -1,5 +1,7 @@
 """Compressed models run where models are deployed: ONNX (checked in onnxruntime), ``torch.export``,
-TorchScript and ``torch.compile``, for every method, matching the eager model to 1e-4.
+TorchScript and ``torch.compile``, for every method and every execution form (the forms no
+compressor makes yet are built from the dense convs, ``_factories.factorise_convs``), matching the
+eager model to 1e-4.
 
 ONNX: the TorchScript-based exporter (``dynamo=False``) exports every method's modules and is
 fast, so it runs on every method in the default suite. The dynamo exporter (torch's default) works
@@ -23,6 +25,8 @@ import torch
 from conftest import SmallCNN
 from torch import nn
 
+from _factories import FORMS, factorise_convs
+
 from hsc_plugin import Budget, compress
 from hsc_plugin.modules import TYPES
 
@@ -32,6 +36,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "hsc": ("hsc", {"grid": (2, 2)}),
     "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2)}),
 }
+ALL = list(METHODS) + list(FORMS)  # forms no compressor makes yet: built from the dense convs
 REPLACED = tuple(TYPES.values())
 ATOL = 1e-4
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -41,18 +46,23 @@ def _compressed(method: str, base: nn.Module | None = None, x: torch.Tensor = X)
     if base is None:
         torch.manual_seed(0)
         base = SmallCNN().eval()
-    name, opts = METHODS[method]
-    res = compress(base, name, calib=x, budget=Budget(3.0), progress=False, **opts)
-    kinds = {type(m).__name__ for m in res.model.modules() if isinstance(m, REPLACED)}
+    if method in FORMS:
+        model = factorise_convs(base, method)
+    else:
+        name, opts = METHODS[method]
+        model = compress(base, name, calib=x, budget=Budget(3.0), progress=False, **opts).model
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, REPLACED)}
     assert kinds, "nothing factorised"
     if method.startswith("hsc"):
         assert "SpatioChannelConv2d" in kinds  # the regions path, not only the plain SVD module
-    return res.model.eval()
+    if method.startswith("regional"):
+        assert kinds == {"RegionalExpansionConv2d"}
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
-    return {m: _compressed(m) for m in METHODS}
+    return {m: _compressed(m) for m in ALL}
 
 
 def _onnx_matches(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -> float:
@@ -72,12 +82,12 @@ def _onnx_matches(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool) -
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_onnx_torchscript_exporter_runs_in_onnxruntime(models, tmp_path: Path, method: str) -> None:
     assert _onnx_matches(models[method], X, tmp_path / "m.onnx", dynamo=False) <= ATOL
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_torch_export(models, method: str) -> None:
     m = models[method]
     with torch.no_grad():
@@ -88,7 +98,7 @@ def test_torch_export(models, method: str) -> None:
         assert (ep.module()(X[:2]) - m(X[:2])).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_torchscript(models, method: str) -> None:
     m = models[method]
     y = torch.randn(2, 3, 40, 48)  # another input size: the scripted HSC module recomputes its crops
@@ -99,7 +109,7 @@ def test_torchscript(models, method: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_torch_compile_without_graph_breaks(models, method: str, backend: str) -> None:
     m = models[method]
     torch._dynamo.reset()
@@ -119,7 +129,7 @@ def _alexnet() -> nn.Module:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_onnx_dynamo_exporter_mri_alexnet(tmp_path: Path, method: str) -> None:
     x = torch.randn(4, 1, 64, 64)
     model = _compressed(method, _alexnet(), x)
@@ -127,7 +137,7 @@ def test_onnx_dynamo_exporter_mri_alexnet(tmp_path: Path, method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_onnx_both_exporters_resnet18(tmp_path: Path, method: str) -> None:
     timm = pytest.importorskip("timm", reason="timm is a dev extra")
     torch.manual_seed(0)
@@ -138,7 +148,7 @@ def test_onnx_both_exporters_resnet18(tmp_path: Path, method: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ALL)
 def test_onnx_torchscript_exporter_mri_alexnet(tmp_path: Path, method: str) -> None:
     """SVD/Tucker export; HSC before ``adaptive_avg_pool2d((2, 2))`` is a known exporter limit."""
     x = torch.randn(4, 1, 64, 64)

@@ -11,7 +11,7 @@ from torch import nn
 from hsc_plugin import Budget, compress, fold_bn
 from hsc_plugin.mri import alexnet_mri
 
-from _factories import tiny_cnn
+from _factories import FORMS, factorise_convs, tiny_cnn
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
@@ -53,6 +53,7 @@ METHODS = {
     "hsc-output": ("hsc", {"channel_side": "output"}),
     "global_svd": ("global_svd", {}),
     "tucker2": ("tucker2", {}),
+    **{form: form for form in FORMS},  # forms no compressor makes yet: built from the dense convs
 }
 
 
@@ -65,7 +66,9 @@ def _bn_count(m: nn.Module) -> int:
 def test_fold_bn_gives_equal_outputs(arch: str, method: str) -> None:
     factory, shape = MODELS[arch]
     model = factory()
-    if METHODS[method] is not None:
+    if isinstance(METHODS[method], str):
+        model = factorise_convs(model, METHODS[method]).eval()
+    elif METHODS[method] is not None:
         name, kw = METHODS[method]
         calib = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
         model = compress(model, name, calib=calib, budget=Budget(3.0), progress=False, **kw).model.eval()

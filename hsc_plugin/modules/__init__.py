@@ -2,9 +2,10 @@
 
 A new factorised form is one new file here: subclass :class:`FactorisedModule` (with
 ``nn.Sequential`` or ``nn.Module``), implement ``spec()`` (JSON structure, ``"type"`` = the class
-name), and where they apply ``from_spec()``, ``rank_layers()``, ``to_dense()`` and
-``speedup_incompatible``; import it below. Subclassing registers it in :data:`TYPES`, which
-``save``/``load`` and the torch-pruning and NNI adapters consult.
+name), and where they apply ``from_spec()``, ``rank_layers()``, ``to_dense()``, ``fold_bn()``,
+``speedup_incompatible`` and ``tp_one_op``; import it below. Subclassing registers it in
+:data:`TYPES`, which ``save``/``load``, ``fold_bn`` and the torch-pruning and NNI adapters consult
+(a ``tp_one_op`` type also needs its channel surgery in the torch-pruning adapter's table).
 """
 
 from hsc_plugin.modules.base import TYPES, FactorisedModule, conv_geometry

@@ -7,8 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "add_bias",
-           "region_deltas"]
+__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "add_bias", "region_deltas", "fold_affine"]
 
 TYPES: dict[str, type["FactorisedModule"]] = {}
 """Every factorised module type by its spec name (``spec()["type"]``); filled by subclassing."""
@@ -39,10 +38,14 @@ def as_conv_kwargs(geom: dict[str, Any]) -> dict[str, Any]:
 class FactorisedModule:
     """Mixin of every module that replaces a dense conv/linear; a subclass registers itself.
 
-    What serialization and the adapters ask a type: ``spec()`` / ``from_spec()`` (JSON
-    structure, no pickled code), ``rank_layers()`` (inner layers whose output channels are ranks:
-    torch-pruning must not prune them), ``to_dense()`` (the equivalent nn.Conv2d/nn.Linear, or
-    None) and ``speedup_incompatible`` (why NNI's ModelSpeedup cannot handle it, or None).
+    What serialization, deployment and the adapters ask a type: ``spec()`` / ``from_spec()``
+    (JSON structure, no pickled code), ``rank_layers()`` (inner layers whose output channels are
+    ranks: torch-pruning must not prune them), ``to_dense()`` (the equivalent nn.Conv2d/nn.Linear,
+    or None), ``fold_bn(scale, shift)`` (absorb a following BatchNorm's per-channel affine; False
+    when it cannot), ``speedup_incompatible`` (why NNI's ModelSpeedup cannot handle it, or None)
+    and ``tp_one_op`` (torch-pruning must trace and prune it as one layer: its inner crops,
+    concatenations or channel gathers are not channel maps tp understands; the channel surgery
+    for such a type lives in the torch-pruning adapter).
 
     What label-free recovery (:mod:`hsc_plugin.recovery`) asks: ``output_bias_regions(h, w)``
     (the output boxes that carry their own bias; one box unless the form is regional) and
@@ -53,6 +56,7 @@ class FactorisedModule:
     """
 
     speedup_incompatible: ClassVar[str | None] = None
+    tp_one_op: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -103,6 +107,20 @@ def add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
         layer.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype),
                                   requires_grad=w.requires_grad)
     layer.bias.add_(delta.to(layer.bias))
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded
+        BatchNorm); False, leaving the module as it was, where the type cannot."""
+        return False
+
+
+@torch.no_grad()
+def fold_affine(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """``conv``'s output times ``scale`` plus ``shift`` per output channel (a bias is created if absent)."""
+    w = conv.weight
+    conv.weight.data = w.detach() * scale.to(w).view(-1, *([1] * (w.dim() - 1)))
+    old = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift).to(w)
+    conv.bias = nn.Parameter(old * scale.to(w) + shift.to(w), requires_grad=w.requires_grad)
 
 
 @torch.no_grad()

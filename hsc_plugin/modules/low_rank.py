@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
-                                     region_deltas)
+                                     fold_affine, region_deltas)
 
 __all__ = ["LowRankConv2d", "LowRankLinear"]
 
@@ -70,6 +70,12 @@ class LowRankConv2d(FactorisedModule, nn.Sequential):
 
     def add_output_bias(self, delta: torch.Tensor) -> None:
         add_bias(self.expand, region_deltas(delta, 1, self.expand.out_channels)[0])
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.expand.out_channels:
+            return False
+        fold_affine(self.expand, scale, shift)
+        return True
 
 
 class LowRankLinear(FactorisedModule, nn.Sequential):

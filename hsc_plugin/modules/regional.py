@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry
+from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, fold_affine,
+                                     region_deltas)
 from hsc_plugin.tiling import Tiling, output_box
 
 __all__ = ["RegionalExpansionConv2d"]
@@ -39,6 +40,7 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
         "the input size and concatenates them along the spatial axes, and ModelSpeedup cannot "
         "propagate channel masks through that (its interpreter fails with 'slice indices must be integers')"
     )
+    tp_one_op = True  # tp would read the spatial crops and concatenations as channel maps
 
     def __init__(
         self,
@@ -122,3 +124,19 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
 
     def rank_layers(self) -> list[nn.Module]:
         return [self.first, self.reduce] if self.base == "tucker2" else [self.reduce]
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.out_channels:
+            return False
+        for e in self.expands:
+            fold_affine(e, scale, shift)
+        return True
+
+    def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        return [output_box(list(r), h, w, list(self.tiling.grid)) for r in self.tiling.regions]
+
+    @torch.no_grad()
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        """Each region's own 1×1 takes its row of ``delta`` (or the same shift everywhere)."""
+        for e, row in zip(self.expands, region_deltas(delta, len(self.expands), self.out_channels)):
+            add_bias(e, row)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, add_bias, region_deltas
+from hsc_plugin.modules.base import FactorisedModule, add_bias, fold_affine, region_deltas
 from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, output_box
 
 __all__ = ["RegionBlock", "SpatioChannelConv2d"]
@@ -193,6 +193,40 @@ class RegionBlock(nn.Module):
             out.append({"first": first, "core": core, "expand": expand})
         return out
 
+    @torch.no_grad()
+    def channel_bias(self) -> torch.Tensor:
+        """The block's bias per output channel, gathered from wherever it is kept (a copy)."""
+        bias = self.const_bias.clone()
+        if self.total_rank == 0:
+            return bias
+        bias.zero_()
+        if self.side == "input":
+            if self.expands[0].bias is not None:
+                bias.copy_(self.expands[0].bias)
+            return bias
+        for e, i in zip(self.expands, self.kept):
+            if e.bias is not None:
+                bias[self.clusters[i]] = e.bias
+        if self.n_dropped:
+            bias[self.dropped] = self.dropped_bias
+        return bias
+
+    @torch.no_grad()
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Output times ``scale`` plus ``shift`` per channel: in the 1×1s, the dropped and constant biases."""
+        self.const_bias.copy_(self.const_bias * scale.to(self.const_bias) + shift.to(self.const_bias))
+        self.has_bias = True
+        if self.side == "input":
+            if len(self.expands):
+                fold_affine(self.expands[0], scale, shift)
+            return
+        for conv, i in zip(self.expands, self.kept):
+            idx = torch.tensor(self.clusters[i], dtype=torch.long, device=scale.device)
+            fold_affine(conv, scale[idx], shift[idx])
+        if self.dropped:
+            idx = torch.tensor(self.dropped, dtype=torch.long, device=scale.device)
+            self.dropped_bias.copy_(self.dropped_bias * scale[idx].to(self.dropped_bias) + shift[idx].to(self.dropped_bias))
+
     def spec(self) -> dict[str, Any]:
         out: dict[str, Any] = {"side": self.side, "clusters": self.clusters, "ranks": self.ranks}
         if self.block != "svd":
@@ -250,6 +284,7 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         "with bounds computed from the input size, and ModelSpeedup cannot propagate channel masks "
         "through that (its interpreter fails with 'slice indices must be integers')"
     )
+    tp_one_op = True  # tp would read the per-cluster gathers, crops and concatenations as channel maps
 
     def __init__(
         self,
@@ -342,6 +377,13 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     def add_output_bias(self, delta: torch.Tensor) -> None:
         for block, row in zip(self.blocks, region_deltas(delta, len(self.blocks), self.out_channels)):
             block.add_output_bias(row)
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.out_channels:
+            return False
+        for b in self.blocks:
+            b.fold_bn(scale, shift)
+        return True
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], **kw: Any) -> "SpatioChannelConv2d":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
-                                     region_deltas)
+                                     fold_affine, region_deltas)
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -66,3 +66,9 @@ class Tucker2Conv2d(FactorisedModule, nn.Sequential):
 
     def add_output_bias(self, delta: torch.Tensor) -> None:
         add_bias(self.last, region_deltas(delta, 1, self.last.out_channels)[0])
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        if scale.numel() != self.last.out_channels:
+            return False
+        fold_affine(self.last, scale, shift)
+        return True
