@@ -17,8 +17,8 @@ An NNI user keeps the workflow they know::
 **config_list.** NNI's selection keys (``op_types``, ``op_names``, ``op_names_re``,
 ``exclude_op_names``, ``exclude_op_types``, ``exclude_op_names_re``) are parsed and matched by NNI's
 own functions (``trans_legacy_config_list``, ``select_modules_by_config``), so they mean exactly
-what they mean for ``L1NormPruner``. Our keys: ``method`` (``hsc`` | ``global_svd`` | ``tucker2``,
-default ``hsc``), ``macs_ratio`` or ``params_ratio`` (a :class:`~hsc_plugin.Budget`: ``3.0`` = 3×
+what they mean for ``L1NormPruner``. Our keys: ``method`` (``hsc`` | ``global_svd`` | ``tucker2``, or
+any compressor registered by a plugin; default ``hsc``), ``macs_ratio`` or ``params_ratio`` (a :class:`~hsc_plugin.Budget`: ``3.0`` = 3×
 fewer), ``budget_scope`` (``model`` | ``targets``), ``tolerance``, and every option of the chosen
 compressor (``energy``, ``rank_ratio``, ``rank``, ``data_aware``; for HSC ``partition``, ``grid``,
 ``clusterer``, ``n_clusters``, ``channel_side`` …). Any other key is rejected, as NNI rejects
@@ -43,7 +43,12 @@ collected, on a throw-away copy of the model); for a ``LightningEvaluator`` its 
 the optimizer *by the old parameter names*, so after layers are replaced the new factor parameters
 would silently not be trained; :func:`finetune` gives each new parameter the optimizer group of
 the parameters of the module it replaced (the nearest ancestor module), then restores the
-evaluator. The user's model is never modified; the evaluator is left as it was.
+evaluator. The user's model is never modified; the evaluator is left as it was. (This
+:func:`finetune` is not ``hsc_plugin.finetune``: that one is a training loop of its own, with
+distillation from the original model, for users outside NNI; this one keeps NNI's workflow, where
+the evaluator's ``training_func`` is the loop, and only decides which optimizer group each new
+parameter joins. The two cannot share a loop, and the group remapping is about NNI's
+name-based optimizer rebuild, which the core loop does not have.)
 
 **Composition with NNI pruners.** Ours first, then NNI's (e.g. ``L1NormPruner`` + ``ModelSpeedup``)
 works for Global SVD and Tucker-2 models: their modules are plain ``Conv2d``/``Linear``. On torch
@@ -454,6 +459,9 @@ def _remap(groups: list[dict[str, Any]], new_names: list[str]) -> list[dict[str,
 def finetune(model: nn.Module, evaluator: Evaluator, max_steps: int | None = None,
              max_epochs: int | None = None) -> nn.Module:
     """Train ``model`` (in place) with the evaluator's ``training_func``, every new parameter included.
+
+    For NNI users: the loop, loss and optimizer are the evaluator's. Outside NNI use
+    ``hsc_plugin.finetune`` (its own loop, optional distillation).
 
     NNI re-creates the optimizer from the parameter *names* of the model the evaluator was made
     for; parameters of replaced modules (factors, speedup-shrunk layers keep their names) would be

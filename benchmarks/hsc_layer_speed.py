@@ -1,8 +1,8 @@
 """Which execution of a factorised layer is fast on this machine? One layer at a time.
 
 For every conv layer of the brain-MRI AlexNet (128 px, width 0.5) compressed on its own to
-``--ratio`` fewer MACs, time (2 threads, batch 1 and 32, median of ``--runs`` runs after warm-up)
-the dense layer and the alternatives issue #3 asks to try:
+``--ratio`` fewer MACs, time (2 threads, batch 1 and 32, median of ``--runs`` runs after warm-up,
+the dense layer and every alternative interleaved round-robin) the alternatives issue #3 asks to try:
 
 * one-region SVD (k×k conv to rank r, then 1×1) — with ranks as chosen, and rounded to multiples
   of 8 (``rank_multiple=8``);
@@ -34,7 +34,7 @@ from torch import nn
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, compress, measure_costs
-from hsc_plugin.latency import measure_latency
+from hsc_plugin.latency import measure_interleaved, speedup_text
 from hsc_plugin.mri import alexnet_mri
 from hsc_plugin.mri.report import machine_description
 
@@ -137,8 +137,12 @@ def _layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Conv2d, tor
     return seen
 
 
-def _time(module: nn.Module, shape: tuple[int, ...], batch: int, runs: int, channels_last: bool) -> float:
-    return measure_latency(module, shape, batch=batch, runs=runs, warmup=5, threads=2, channels_last=channels_last)["median_ms"]
+def _time(dense: nn.Module, variants: dict[str, nn.Module], shape: tuple[int, ...], batch: int, runs: int,
+          channels_last: bool) -> dict[str, dict[str, float | bool]]:
+    """The dense layer and every variant timed round-robin (dense, v1, v2, ..., dense, ...), so a
+    busy moment of a shared machine hits all alike (2 threads, medians after 5 warm-up rounds)."""
+    return measure_interleaved({"dense": dense, **variants}, shape, batch=batch, runs=runs, warmup=5, threads=2,
+                               channels_last=channels_last)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,26 +191,28 @@ def main(argv: list[str] | None = None) -> int:
                 ref, out = results[source][0](inp[:4]), mod(inp[:4])
             assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4), f"{label} differs from {source} on {name}"
             results[label] = (mod, measure_costs(mod, inp[:1]).macs)
+        built = {label: mod for label, (mod, _) in results.items() if mod is not None}
         for batch in (1, 32):
             for cl in (False, True):
-                base = _time(conv, shape, batch, args.runs, cl)
-                for label, (mod, macs) in results.items():
-                    if mod is None:
-                        continue
-                    t = _time(mod, shape, batch, args.runs, cl)
-                    rows.append((name, tuple(shape), batch, cl, label, dense_macs / macs, base, t))
+                timed = _time(conv, built, shape, batch, args.runs, cl)
+                base = timed["dense"]
+                for label in built:
+                    r, t = dense_macs / results[label][1], timed[label]
+                    speed = speedup_text(base, t, r)
+                    rows.append((name, tuple(shape), batch, cl, label, r, base["median_ms"], t["median_ms"], speed))
                     print(f"{name:<12} b{batch:<3} {'NHWC' if cl else 'NCHW'} {label:<42} "
-                          f"{dense_macs / macs:5.2f}x MACs  dense {base:7.3f} ms  {t:7.3f} ms  {base / t:5.2f}x",
+                          f"{r:5.2f}x MACs  dense {base['median_ms']:7.3f} ms  {t['median_ms']:7.3f} ms  {speed}",
                           flush=True)
     lines = [f"Command: `python benchmarks/hsc_layer_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {machine_description()}\n",
              "One conv layer of the brain-MRI AlexNet at a time, compressed alone to the MAC ratio shown; "
-             "speed-up = dense ms / factorised ms (2 threads, median).\n",
+             "the dense layer and every variant timed interleaved (2 threads, medians); speed-up = dense ms / "
+             "factorised ms, \"disturbed\" where the spread says the machine was busy.\n",
              "| layer | input | batch | layout | variant | MAC ratio | dense ms | factorised ms | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, shape, batch, cl, label, r, base, t in rows:
+    for name, shape, batch, cl, label, r, base, t, speed in rows:
         lines.append(f"| {name} | {'x'.join(map(str, shape))} | {batch} | {'channels_last' if cl else 'NCHW'} | "
-                     f"{label} | {r:.2f}x | {base:.3f} | {t:.3f} | {base / t:.2f}x |")
+                     f"{label} | {r:.2f}x | {base:.3f} | {t:.3f} | {speed} |")
     if failed:
         lines += ["", "Variants that could not be built at this budget:", ""]
         lines += [f"- {name} ({'x'.join(map(str, shape))}), {label}: {why}" for name, shape, label, why in failed]

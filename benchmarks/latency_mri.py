@@ -1,7 +1,8 @@
 """CPU latency of saved compressed brain-MRI models (from ``hsc_mri.py --save-models DIR``).
 
-Run it on an idle machine: 2 threads, batch 1 and 32, median of 20 runs after 5 warm-up runs,
-against the uncompressed model measured in the same process.
+Run it on an idle machine: 2 threads, batch 1 and 32, median of 20 runs after 3 warm-up rounds,
+each model timed interleaved with the uncompressed one (dense, model, dense, ...), so a busy
+moment hits both alike; a timing whose spread says the machine was busy is printed "disturbed".
 
     python benchmarks/latency_mri.py --models DIR [--size 128 --width 0.5]
 """
@@ -16,7 +17,7 @@ import torch
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import load, measure_costs
-from hsc_plugin.latency import measure_latency
+from hsc_plugin.latency import measure_interleaved, speedup_text
 from hsc_plugin.mri import alexnet_mri, paper_recipe
 from hsc_plugin.mri.report import machine_description
 
@@ -31,27 +32,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shape = (1, args.size, args.size)
     base = alexnet_mri(width=args.width, input_size=args.size).eval()
-    rows = []
+    dense_macs = measure_costs(base, torch.zeros(1, *shape)).macs
+    lines = [f"Command: `python benchmarks/latency_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
+             f"Machine: {machine_description()}\n",
+             "Each model timed interleaved with the uncompressed one; speed-up = dense median / model median "
+             "of the same interleaved runs.\n",
+             "| model | MMACs | MAC ratio | ms b1 | speed-up b1 | ms b32 | speed-up b32 | realised / MAC ratio (b1, b32) |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def measure(name: str, model: torch.nn.Module) -> None:
         macs = measure_costs(model, torch.zeros(1, *shape)).macs
-        t1 = measure_latency(model, shape, batch=1, runs=args.runs)["median_ms"]
-        t32 = measure_latency(model, shape, batch=32, runs=args.runs)["median_ms"]
-        rows.append((name, macs, t1, t32))
-        print(f"{name:<60} {macs / 1e6:8.2f} MMACs  b1 {t1:8.3f} ms  b32 {t32:8.2f} ms", flush=True)
+        r = dense_macs / macs
+        cells, shares = [], []
+        for batch in (1, 32):
+            models = {"dense": base} if model is base else {"dense": base, "model": model}
+            t = measure_interleaved(models, shape, batch=batch, runs=args.runs)
+            mine = t["model" if "model" in t else "dense"]
+            text = speedup_text(t["dense"], mine, r)
+            cells += [f"{mine['median_ms']:.3f}", text]
+            shares.append("-" if not text[0].isdigit() else f"{t['dense']['median_ms'] / mine['median_ms'] / r:.0%}")
+        lines.append(f"| {name} | {macs / 1e6:.2f} | {r:.2f}x | {' | '.join(cells)} | {', '.join(shares)} |")
+        print(lines[-1], flush=True)
 
     measure("uncompressed", base)
     for d in sorted(p for p in Path(args.models).iterdir() if (p / "structure.json").exists()):
         measure(d.name, load(d, alexnet_mri(width=args.width, input_size=args.size)).eval())
-    _, m0, b1, b32 = rows[0]
-    lines = [f"Command: `python benchmarks/latency_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
-             f"Machine: {machine_description()}\n",
-             "| model | MMACs | MAC ratio | ms b1 | speed-up b1 | ms b32 | speed-up b32 | realised / MAC ratio (b1, b32) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, macs, t1, t32 in rows:
-        r = m0 / macs
-        lines.append(f"| {name} | {macs / 1e6:.2f} | {r:.2f}x | {t1:.3f} | {b1 / t1:.2f}x | {t32:.2f} | {b32 / t32:.2f}x | "
-                     f"{b1 / t1 / r:.0%}, {b32 / t32 / r:.0%} |")
     emit(lines, args.out)
     return 0
 

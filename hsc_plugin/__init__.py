@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from hsc_plugin.api import compress, create_compressor
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError
@@ -16,6 +14,7 @@ from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import ModelCost, measure_costs
 from hsc_plugin.deploy import fold_bn
+from hsc_plugin.finetuning import finetune
 from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
 from hsc_plugin.report import CompressionResult, LayerReport, Report
@@ -54,9 +53,3 @@ __all__ = [
     "load",
 ]
 
-
-def finetune(*args: Any, **kwargs: Any) -> Any:
-    """Fine-tune a compressed model (cross-entropy, optional distillation); see ``hsc_plugin.mri.train``."""
-    from hsc_plugin.mri.train import finetune as _finetune
-
-    return _finetune(*args, **kwargs)

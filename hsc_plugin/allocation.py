@@ -26,9 +26,21 @@ if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
     from hsc_plugin.pipeline import Prepared
 
-__all__ = ["Allocation", "allocate", "statistics_groups", "budget_reference"]
+__all__ = ["Allocation", "CandidateAllocation", "allocate", "restrict", "statistics_groups", "budget_reference"]
 
 _ROUNDS = 4  # re-allocations after the latency guard keeps layers dense
+
+
+@dataclass(frozen=True)
+class CandidateAllocation:
+    """Another way to spend the budget, tried beside a compressor's own (the model with the lowest
+    calibration output error is kept): the plan families it may use, in order of preference
+    (empty: every form), the rank selector, and the form choice's objective ("sum" or "max")."""
+
+    name: str
+    families: tuple[str, ...] = ()
+    selector: str = "budget"
+    objective: str = "sum"
 
 
 @dataclass
@@ -83,9 +95,26 @@ def budget_reference(prep: "Prepared", latency: dict[str, Any] | None) -> float:
     return float(sum(module_cost(prep.before, modules[n], n, metric) for n in prep.target_names))
 
 
+def restrict(candidates: list[list[LayerPlan]], families: tuple[str, ...]) -> list[list[LayerPlan]] | None:
+    """Each layer's first form of the first family it has (in ``families``' order); None when a
+    layer has none (the allocation cannot be reproduced from these candidates)."""
+    if not families:  # every form
+        return candidates
+    out = []
+    for forms in candidates:
+        pick = next((p for f in families for p in forms if p.family == f), None)
+        if pick is None:
+            return None
+        out.append([pick])
+    return out
+
+
 def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[LayerPlan]],
-             latency: dict[str, Any] | None) -> Allocation:
-    """Choose forms and ranks for the budget and build the modules (see the module docstring)."""
+             latency: dict[str, Any] | None, selector: Any = None, objective: str = "sum") -> Allocation:
+    """Choose forms and ranks for the budget and build the modules (see the module docstring);
+    ``selector`` overrides the call's rank selector, ``objective`` is the form choice's
+    (:func:`hsc_plugin.forms.choose_forms`)."""
+    selector = selector if selector is not None else prep.selector
     plans = [forms[0] for forms in candidates]
     if not plans:
         raise ValueError("No targeted layer can be factorised so as to save cost; see the layer list "
@@ -99,9 +128,9 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
             raise BudgetError("Every factorised layer measured slower than its dense layer on this device")
         plans, target = [forms[0] for forms in live], None
         if budget is not None:
-            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower))
+            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower), objective)
         problem = RankProblem(plans, metric, target, upper_bound=budget is not None and budget.ms is not None)
-        ranks = [p.finalise(r, metric) for p, r in zip(plans, prep.selector.select(problem))]
+        ranks = [p.finalise(r, metric) for p, r in zip(plans, selector.select(problem))]
         modules = {p.name: p.build(r) for p, r in zip(plans, ranks) if not p.is_dense(r)}
         newly = measured_slower(compressor.latency_batch, modules, prep.infos) if compressor.latency_guard else {}
         if not newly:
@@ -116,13 +145,13 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
 
 
 def _fit_forms(live: list[list[LayerPlan]], budget: Budget, metric: str, base_ref: float,
-               n_slower: int) -> tuple[list[LayerPlan], float]:
+               n_slower: int, objective: str = "sum") -> tuple[list[LayerPlan], float]:
     """Each layer's form for the budget and what the chosen plans may cost together; a budget out
     of reach even at minimum ranks is a BudgetError that says why."""
     plan_dense = sum(forms[0].dense_cost[metric] for forms in live)
     fixed = base_ref - plan_dense
     target = budget.target_cost(base_ref) - fixed
-    plans = [forms[i] for forms, i in zip(live, choose_forms(live, metric, target))]
+    plans = [forms[i] for forms, i in zip(live, choose_forms(live, metric, target, objective))]
     floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
     if target < floor:
         best = base_ref / (fixed + floor)

@@ -1,4 +1,5 @@
-"""The ``hsc`` command: ``hsc compress``, ``hsc plugins``, ``hsc demo``, ``hsc reproduce``."""
+"""The ``hsc`` command: ``hsc compress`` and ``hsc plugins``; plugins add their own sub-commands
+through the ``hsc_cli_commands`` hook (the MRI experiment adds ``demo``, ``reproduce``, ``sweep``)."""
 
 from __future__ import annotations
 
@@ -164,19 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plugins)
 
-    _add_experiment_commands(sub)
+    from hsc_plugin.registry import get_plugin_manager
+
+    get_plugin_manager().hook.hsc_cli_commands(subparsers=sub)  # plugins' commands (hsc demo, ...)
     return p
-
-
-def _add_experiment_commands(sub: Any) -> None:
-    """``hsc demo`` / ``hsc reproduce`` live with the MRI experiment; added when it is present."""
-    try:
-        from hsc_plugin.mri.cli import add_commands
-    except ImportError:
-        return
-    add_commands(sub)
-    from hsc_plugin.adapters.nni_sweep import add_commands as add_sweep  # ``hsc sweep`` (NNI, adapters/)
-    add_sweep(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

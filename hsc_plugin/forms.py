@@ -78,12 +78,16 @@ def _lower_hull(points: list[tuple[float, float, int]]) -> list[tuple[float, flo
     return hull
 
 
-def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float | None) -> list[int]:
+def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float | None,
+                 objective: str = "sum") -> list[int]:
     """For each layer, the index of the form to use so that the layers together fit ``target``.
 
-    Each layer starts at the cheapest point of its envelope; the moves with the most error
-    removed per unit of cost are taken while the total fits. Layers with one form get index 0;
-    without a target the first (preferred) form is kept everywhere.
+    ``objective="sum"``: each layer starts at the cheapest point of its envelope; the moves with
+    the most error removed per unit of cost are taken while the total fits (the least total
+    error). ``"max"``: the least error ε every layer can stay under — each layer takes the form
+    that reaches ε most cheaply (the same relative error everywhere, as "ranks scaled to the
+    budget" gives a single form). Layers with one form get index 0; without a target the first
+    (preferred) form is kept everywhere.
     """
     if target is None or all(len(a) == 1 for a in alternatives):
         return [0] * len(alternatives)
@@ -91,6 +95,8 @@ def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float
     for forms in alternatives:
         pts = [(c, e, f) for f, plan in enumerate(forms) for c, e in frontier(plan, metric)]
         hulls.append(_lower_hull(pts))
+    if objective == "max":
+        return _uniform(hulls, target)
     at = [0] * len(hulls)
     total = sum(h[0][0] for h in hulls)
 
@@ -113,3 +119,21 @@ def choose_forms(alternatives: list[list[LayerPlan]], metric: str, target: float
 
     greedy(range(len(hulls)), propose, accept, by_key=True)
     return [h[k][2] for h, k in zip(hulls, at)]
+
+
+def _uniform(hulls: list[list[tuple[float, float, int]]], target: float) -> list[int]:
+    """Forms for the smallest error bound ε that fits: per layer the cheapest point with error ≤ ε."""
+    def pick(eps: float) -> tuple[float, list[int]]:
+        chosen = [min((p for p in h if p[1] <= eps), key=lambda p: p[0], default=h[-1]) for h in hulls]
+        return sum(p[0] for p in chosen), [p[2] for p in chosen]
+
+    lo, hi = 0.0, 1.0
+    best = pick(hi)[1]
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        cost, forms = pick(mid)
+        if cost <= target:
+            hi, best = mid, forms
+        else:
+            lo = mid
+    return best

@@ -90,17 +90,24 @@ def measure_interleaved(
     threads: int | None = 2,
     max_iqr: float = DISTURBED_IQR,
     timer: Callable[[], float] = time.perf_counter,
+    channels_last: bool = False,
 ) -> dict[str, dict[str, float | bool]]:
     """Time several models round-robin (A, B, A, B, ...) after ``warmup`` rounds.
 
     Why: timed one after another, a load spike during one model's runs becomes a fake speed-up.
     Interleaved, a disturbance hits every model alike. Returns per model ``median_ms``, ``p25_ms``,
     ``p75_ms`` and ``disturbed`` (IQR/median above ``max_iqr``: report "disturbed", not a number).
+    ``channels_last`` (4-D inputs) times NHWC copies of the models on NHWC inputs; the caller's
+    models are left as they are. On CPU.
     """
     xs = {}
     for name, m in models.items():
         ref = next(m.parameters(), None)
         xs[name] = torch.randn(batch, *input_shape, dtype=ref.dtype if ref is not None else torch.float32)
+        if channels_last and xs[name].dim() == 4:
+            xs[name] = xs[name].contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        models = {n: copy.deepcopy(m).to(memory_format=torch.channels_last) for n, m in models.items()}
     times: dict[str, list[float]] = {n: [] for n in models}
     modes = {n: m.training for n, m in models.items()}
     try:

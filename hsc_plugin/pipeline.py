@@ -7,11 +7,14 @@
 2. :func:`calibrate_and_plan` — per group of layers whose statistics fit in memory: the
    calibration pass(es), then the compressor's plan (alternative forms) for each layer;
 3. :func:`hsc_plugin.plan_timing.time_plans` — latency budgets only: every form timed on the device;
-4. :func:`hsc_plugin.allocation.allocate` — forms chosen and ranks selected against the budget,
-   modules built (re-allocating around layers the latency guard measured slower);
-5. :func:`measure` — each new module's output error on the calibration data, then the modules go
-   into the copy and the costs of what executes are counted;
-6. :func:`hsc_plugin.report.build_report` and the budget check; then the copy (or, with
+4. :func:`allocations` — forms chosen and ranks selected against the budget, modules built
+   (:func:`hsc_plugin.allocation.allocate`, re-allocating around layers the latency guard measured
+   slower); also any other allocation the compressor asks to be compared with (HSC: its baselines');
+5. :func:`hsc_plugin.selection.select` — each candidate built into a copy of the model, recovered
+   without labels (BN re-estimation, bias correction) and measured on the calibration data; the
+   lowest output error wins;
+6. :func:`measure` — each new module's own output error, and the costs of what executes;
+7. :func:`hsc_plugin.report.build_report` and the budget check; then the copy (or, with
    ``inplace=True``, the user's model) is returned.
 
 The compressor object is never written to: what a call decides lives in the stages' values.
@@ -28,14 +31,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hsc_plugin.allocation import Allocation, allocate, statistics_groups
-from hsc_plugin.budget import Budget
+from hsc_plugin.allocation import Allocation, allocate, restrict, statistics_groups
+from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
     run_calibration, trace_layers
 from hsc_plugin.cost_model import LatencyCostModel
 from hsc_plugin.costs import ModelCost, count_params, measure_costs
 from hsc_plugin.plan import LayerPlan, PlanContext, planning
 from hsc_plugin.plan_timing import time_plans
+from hsc_plugin.registry import create
+from hsc_plugin.selection import Selected, select
 from hsc_plugin.report import CompressionResult, LayerReport, build_report, check_budget, layer_report
 from hsc_plugin.strategy import RankSelector
 from hsc_plugin.targets import TargetSpec, resolve_targets
@@ -83,13 +88,13 @@ def run(compressor: "Compressor", model: nn.Module, calib: Any = None, *, target
         candidates, latency = time_plans(compressor.name, compressor.progress, compressor.dense_fallback, cost_model,
                                          candidates, prep.work, prep.infos, prep.target_names, prep.example,
                                          prep.reports, prep.before)
-    alloc = allocate(compressor, prep, candidates, latency)
-    errors, after = measure(compressor, prep, alloc)
-    report = build_report(compressor, prep, alloc, errors, after, n_samples, latency)
-    check_budget(compressor.name, report, prep.budget, alloc.base_ref)
+    chosen = select(compressor, prep, allocations(compressor, prep, candidates, latency))
+    errors, after = measure(compressor, prep, chosen)
+    report = build_report(compressor, prep, chosen, errors, after, n_samples, latency)
+    check_budget(compressor.name, report, prep.budget, chosen.alloc.base_ref)
     if latency is not None and cost_model is not None:
-        latency["after_ms"] = cost_model.time(prep.work, tuple(prep.example.shape[1:]))
-    out = _finish(prep, alloc, inplace)
+        latency["after_ms"] = cost_model.time(chosen.model, tuple(prep.example.shape[1:]))
+    out = _finish(prep, chosen, inplace)
     report.seconds = time.perf_counter() - t0
     return CompressionResult(out, report)
 
@@ -235,29 +240,47 @@ def _plan_layer(compressor: "Compressor", prep: Prepared, info: LayerInfo,
     return saving
 
 
-# -- stage 5 ---------------------------------------------------------------------------------------
-def measure(compressor: "Compressor", prep: Prepared, alloc: Allocation) -> tuple[dict[str, float], ModelCost]:
-    """Each new module's relative output error on the calibration data (before it replaces the
-    layer, so both see the same inputs); then the modules go into the copy and what executes is
-    counted."""
+# -- stage 4 ---------------------------------------------------------------------------------------
+def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[LayerPlan]],
+                latency: dict[str, Any] | None) -> dict[str, Allocation]:
+    """The compressor's own allocation and the others it asks to be compared with, by name. Another
+    allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out."""
+    out = {compressor.name: allocate(compressor, prep, candidates, latency)}
+    if prep.budget is None or prep.calib is None:
+        return out
+    for cand in compressor.candidate_allocations(prep.context):
+        restricted = restrict(candidates, cand.families)
+        if restricted is None or cand.name in out:
+            continue
+        try:
+            out[cand.name] = allocate(compressor, prep, restricted, latency, objective=cand.objective,
+                                      selector=create("rank_selector", cand.selector, RankSelector))
+        except BudgetError:
+            continue
+    return out
+
+
+# -- stage 6 ---------------------------------------------------------------------------------------
+def measure(compressor: "Compressor", prep: Prepared, chosen: Selected) -> tuple[dict[str, float], ModelCost]:
+    """Each new module's relative output error on its layer's own calibration inputs (hooks on the
+    uncompressed copy, so every module sees the inputs its layer saw), and the costs of what the
+    chosen model executes."""
     errors: dict[str, float] = {}
     if prep.calib is not None and compressor.measure_error:
-        errors = measure_errors(prep.work, alloc.modules, prep.calib, desc=f"{compressor.name}: measuring error",
+        errors = measure_errors(prep.work, chosen.modules, prep.calib, desc=f"{compressor.name}: measuring error",
                                 progress=compressor.progress)
-    from hsc_plugin.compressors.base import set_submodule
-
-    for n, m in alloc.modules.items():
-        set_submodule(prep.work, n, m)
-    return errors, measure_costs(prep.work, prep.example)
+    return errors, measure_costs(chosen.model, prep.example)
 
 
-def _finish(prep: Prepared, alloc: Allocation, inplace: bool) -> nn.Module:
-    """The copy, or — with ``inplace=True``, once everything has succeeded — the user's model."""
+def _finish(prep: Prepared, chosen: Selected, inplace: bool) -> nn.Module:
+    """The chosen copy, or — with ``inplace=True``, once everything has succeeded — the user's model
+    with the new modules and the recovered state (e.g. re-estimated BatchNorm statistics)."""
     from hsc_plugin.compressors.base import set_submodule
 
     if inplace:
-        for n, m in alloc.modules.items():
+        for n, m in chosen.modules.items():
             set_submodule(prep.model, n, m.train(prep.model.training))
+        prep.model.load_state_dict(chosen.model.state_dict())
         return prep.model
-    prep.work.train(prep.model.training)
-    return prep.work
+    chosen.model.train(prep.model.training)
+    return chosen.model

@@ -116,6 +116,8 @@ class LayerPlan(ABC):
         self.note = note  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
         self.form = form  # which of a layer's alternative forms this is (see hsc_plugin.forms)
 
+    family: str = ""  # the kind of factorisation ("svd", "tucker2", "hsc" …), for allocations restricted to one
+
     # -- costs -------------------------------------------------------------------------------
     @abstractmethod
     def factorised_cost(self, ranks: list[int], metric: str) -> float:

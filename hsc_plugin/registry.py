@@ -42,6 +42,7 @@ _BUILTIN_MODULES = (
     "hsc_plugin.strategies.partition",
     "hsc_plugin.strategies.cluster",
     "hsc_plugin.strategies.block",
+    "hsc_plugin.mri.cli",  # the experiment's commands (hsc_cli_commands), not a strategy kind
 )
 
 
@@ -68,6 +69,18 @@ class HookSpecs:
     def hsc_block_factorisers(self) -> list[type]:
         """Block factoriser classes (subclasses of ``hsc_plugin.BlockFactoriser``): how HSC factorises
         one (region, cluster) block."""
+
+    @hookspec
+    def hsc_cli_commands(self, subparsers: Any) -> None:
+        """Add ``hsc`` sub-commands (how ``hsc demo``/``reproduce``/``sweep`` come from the experiment).
+
+        ``subparsers`` is the ``hsc`` parser's ``add_subparsers()`` object: call
+        ``subparsers.add_parser(name, help=...)``, add arguments, and ``set_defaults(func=f)``;
+        ``hsc`` calls ``f(args)`` and exits with its return value (a ``ValueError`` becomes
+        ``hsc: error: ...``, exit 2). Every ``hsc`` call runs every implementation, so import
+        heavy modules inside ``f``. Command plugins are not a strategy kind: ``hsc plugins``
+        does not list them (``hsc --help`` does).
+        """
 
 
 _HOOK_OF = {

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
     from hsc_plugin.costs import ModelCost
     from hsc_plugin.pipeline import Prepared
+    from hsc_plugin.selection import Selected
 
 __all__ = ["LayerReport", "Report", "CompressionResult", "layer_report", "build_report", "check_budget"]
 
@@ -59,6 +60,12 @@ class Report:
     # Latency budgets only: measured ms before/after (model, at the cost model's batch), the
     # cost model's prediction, and each layer's measured dense time and time-vs-MACs curve.
     latency: dict[str, Any] | None = None
+    # Relative L2 error of the compressed model's outputs against the original's on the calibration
+    # inputs (after recovery): what compressors are compared by, label-free.
+    calibration_error: float | None = None
+    allocation: str = ""  # which candidate allocation was kept (HSC: its own or a baseline's)
+    candidates: dict[str, float] = field(default_factory=dict)  # every candidate's calibration error
+    recovery: dict[str, Any] | None = None  # what label-free recovery did (steps, errors, seconds)
 
     @property
     def macs_ratio(self) -> float:
@@ -81,13 +88,15 @@ class Report:
 
     def table(self) -> str:
         """A plain-text per-layer table and the totals."""
-        head = f"{'layer':<28} {'status':<11} {'ranks':<18} {'MACs before':>12} {'after':>12} {'err':>7}"
+        head = (f"{'layer':<28} {'status':<11} {'form':<36} {'ranks':<18} {'MACs before':>12} {'after':>12} "
+                f"{'err':>7}")
         lines = [head, "-" * len(head)]
         for L in self.layers:
             ranks = ",".join(f"{k}={v}" for k, v in L.ranks.items()) if L.ranks else "-"
             err = L.error if L.error is not None else L.predicted_error
+            form = L.details.get("form") or (L.module if L.status == "factorised" else "-")
             lines.append(
-                f"{L.name[:28]:<28} {L.status:<11} {ranks[:18]:<18} {L.macs_before:>12,} "
+                f"{L.name[:28]:<28} {L.status:<11} {form[:36]:<36} {ranks[:18]:<18} {L.macs_before:>12,} "
                 f"{L.macs_after:>12,} {'' if err is None else f'{err:.4f}':>7}"
             )
         lines.append("-" * len(head))
@@ -101,6 +110,10 @@ class Report:
                 f"budget {asked} {self.budget['metric']} ({self.budget['scope']}): "
                 f"achieved {self.achieved_ratio:.3f}x, met={self.budget_met}"
             )
+        if self.calibration_error is not None:
+            tried = ", ".join(f"{k} {v:.4f}" for k, v in self.candidates.items()) if len(self.candidates) > 1 else ""
+            lines.append(f"calibration output error {self.calibration_error:.4f}"
+                         + (f" (allocation kept: {self.allocation}; candidates: {tried})" if tried else ""))
         if self.latency is not None:
             pred = self.latency.get("predicted_after_ms")
             lines.append(
@@ -146,8 +159,8 @@ def layer_report(name: str, module: nn.Module, status: str, reason: str, macs: i
                        macs_before=macs, macs_after=macs, params_before=params, params_after=params)
 
 
-def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", errors: dict[str, float],
-                       after: "ModelCost") -> LayerReport:
+def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", modules: dict[str, nn.Module],
+                       errors: dict[str, float], after: "ModelCost") -> LayerReport:
     """The report of a planned layer: its ranks, form, errors and costs after."""
     from hsc_plugin.costs import count_params
 
@@ -161,7 +174,7 @@ def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", errors:
     rep.error = errors.get(plan.name, 0.0 if dense else None)
     rep.details = plan.describe(ranks)
     if not dense:
-        new = alloc.modules[plan.name]
+        new = modules[plan.name]
         rep.ranks = {b.label or str(i): int(k) for i, (b, k) in enumerate(zip(plan.blocks, ranks))}
         if plan.form:
             rep.details["form"] = plan.form
@@ -171,14 +184,14 @@ def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", errors:
     return rep
 
 
-def _achieved(prep: "Prepared", alloc: "Allocation", after: "ModelCost",
-              latency: dict[str, Any] | None) -> tuple[float | None, bool | None, float | None]:
-    """(ratio achieved, budget met, cost after) in the budget's metric and scope."""
+def _achieved(prep: "Prepared", alloc: "Allocation", model: nn.Module, after: "ModelCost",
+              latency: dict[str, Any] | None) -> tuple[float | None, bool | None]:
+    """(ratio achieved, budget met) in the budget's metric and scope."""
     from hsc_plugin.allocation import module_cost
 
     budget, metric, base_ref = prep.budget, prep.context.metric, alloc.base_ref
     if budget is None:
-        return None, None, None
+        return None, None
     if metric == "latency":  # as the cost model predicts it; the measured time is reported
         assert latency is not None
         after_ref = base_ref - sum(p.dense_cost[metric] - p.cost(r, metric) for p, r in zip(alloc.plans, alloc.ranks))
@@ -186,20 +199,22 @@ def _achieved(prep: "Prepared", alloc: "Allocation", after: "ModelCost",
     elif budget.scope == "model":
         after_ref = float(after.of(metric))
     else:
-        modules = dict(prep.work.named_modules())
+        modules = dict(model.named_modules())
         after_ref = float(sum(module_cost(after, modules[n], n, metric) for n in prep.target_names))
-    return base_ref / max(after_ref, 1e-12), budget.met(base_ref, after_ref), after_ref
+    return base_ref / max(after_ref, 1e-12), budget.met(base_ref, after_ref)
 
 
-def build_report(compressor: "Compressor", prep: "Prepared", alloc: "Allocation", errors: dict[str, float],
+def build_report(compressor: "Compressor", prep: "Prepared", chosen: "Selected", errors: dict[str, float],
                  after: "ModelCost", n_samples: int, latency: dict[str, Any] | None) -> Report:
-    """The whole report: every targeted layer in model order, costs before and after, the budget."""
+    """The whole report: every targeted layer in model order, costs before and after, the budget,
+    the calibration error and which candidate allocation was chosen."""
     from hsc_plugin.plan_timing import points
 
+    alloc, modules = chosen.alloc, chosen.modules
     reports = dict(prep.reports)
     for p, r in zip(alloc.plans, alloc.ranks):
-        reports[p.name] = _factorised_report(p, r, alloc, errors, after)
-    achieved, met, _ = _achieved(prep, alloc, after, latency)
+        reports[p.name] = _factorised_report(p, r, alloc, modules, errors, after)
+    achieved, met = _achieved(prep, alloc, chosen.model, after, latency)
     if latency is not None:
         for p in alloc.plans:
             entry = latency["layers"].get(p.name)
@@ -214,6 +229,8 @@ def build_report(compressor: "Compressor", prep: "Prepared", alloc: "Allocation"
         budget=prep.budget.to_dict() if prep.budget is not None else None,
         achieved_ratio=achieved, budget_met=met, calibration_samples=n_samples,
         input_shape=list(prep.example.shape[1:]), latency=latency,
+        calibration_error=chosen.error, allocation=chosen.name, candidates=chosen.candidates,
+        recovery=chosen.recovery,
     )
     return report
 

@@ -19,7 +19,7 @@ from nni.compression import TorchEvaluator  # noqa: E402
 from nni.compression.pruning import L1NormPruner  # noqa: E402
 
 from conftest import REPO, assert_unchanged, snapshot  # noqa: E402
-from hsc_plugin import measure_costs  # noqa: E402
+from hsc_plugin import hookimpl, measure_costs, registry  # noqa: E402
 from hsc_plugin.adapters.nni import (  # noqa: E402
     LowRankCompressor,
     SpeedupIncompatibleError,
@@ -27,6 +27,7 @@ from hsc_plugin.adapters.nni import (  # noqa: E402
     finetune,
     speedup,
 )
+from hsc_plugin.compressors import GlobalSVD  # noqa: E402
 from hsc_plugin.modules import LowRankConv2d, LowRankLinear, Tucker2Conv2d  # noqa: E402
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -152,6 +153,49 @@ def test_params_ratio_per_group(small_cnn):
     before = sum(p.numel() for n in names for p in small_cnn.get_submodule(n).parameters())
     after = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
     assert abs(before / after / 2.0 - 1) <= 0.02, before / after
+
+
+# -- a third-party compressor, registered at run time, from a config_list ----------------------
+class _SkippingSVD(GlobalSVD):
+    """A third-party compressor: Global SVD with an option of its own, ``keep_dense`` (layer names
+    it leaves as they are)."""
+
+    name = "test_skipping_svd"
+
+    def __init__(self, *, keep_dense: tuple[str, ...] | list[str] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.keep_dense = tuple(keep_dense)
+
+    def plan(self, info, *args, **kwargs):
+        if info.name in self.keep_dense:
+            return "kept dense by keep_dense"
+        return super().plan(info, *args, **kwargs)
+
+
+class _ThirdPartyPlugin:
+    @hookimpl
+    def hsc_compressors(self) -> list[type]:
+        return [_SkippingSVD]
+
+
+def test_a_compressor_registered_at_run_time_is_usable_from_a_config_list(small_cnn):
+    config = {"op_types": ["Conv2d"], "method": _SkippingSVD.name, "macs_ratio": 1.5, "keep_dense": ["body.3"]}
+    with pytest.raises(ValueError, match="method must be one of"):
+        LowRankCompressor(small_cnn, [config], dummy_input=X)  # not registered yet
+    registry.register(_ThirdPartyPlugin(), name="test-third-party-compressor")
+    try:
+        with pytest.raises(ValueError, match="keep_dens"):  # its own options are checked like ours
+            LowRankCompressor(small_cnn, [{**config, "keep_dens": ["body.3"]}], dummy_input=X)
+        model, report = LowRankCompressor(small_cnn, [config], dummy_input=X).compress()
+    finally:
+        registry.get_plugin_manager().unregister(name="test-third-party-compressor")
+    assert report.method == _SkippingSVD.name and report.budget_met
+    layers = {L.name: L for L in report.layers}
+    assert layers["body.3"].status != "factorised" and "keep_dense" in layers["body.3"].reason
+    assert "body.3" not in _factorised(model) and len(_factorised(model)) >= 2
+    assert isinstance(model.get_submodule("body.3"), nn.Conv2d)
+    assert abs(measure_costs(small_cnn, X).macs / measure_costs(model, X).macs / 1.5 - 1) <= 0.02
+    assert _SkippingSVD.name not in registry.available("compressor")  # unregistered again
 
 
 # -- evaluator: calibration from its training data, fine-tuning with every new parameter -------

@@ -8,12 +8,39 @@ import torch
 
 from hsc_plugin.mri import alexnet_mri, bundled_sample_path, load_split
 from hsc_plugin.mri.experiment import Setting, run_comparison
-from hsc_plugin.mri.report import markdown_table, pareto_front, plot_pareto, results_markdown, save_json, text_table
+from hsc_plugin.mri.report import (
+    markdown_table,
+    pareto_front,
+    plot_pareto,
+    results_markdown,
+    save_json,
+    speedup_cell,
+    text_table,
+)
 
 
 def test_pareto_front() -> None:
     pts = [(1.0, 80.0), (2.0, 85.0), (2.5, 84.0), (3.0, 90.0), (0.5, 70.0), (3.0, 89.0)]
     assert pareto_front(pts) == [4, 0, 1, 3]
+
+
+def test_speedup_cells_compare_with_the_paired_dense_timing() -> None:
+    """A compressed row is compared with the dense time measured interleaved with it, not with the
+    original row's own timing (taken at another moment); a wide spread prints "disturbed"; a
+    speed-up above the MAC ratio is flagged."""
+    key = "latency_b1_ms"
+    base = {"macs": 300, key: 10.0, "latency_b1_disturbed": False}
+    paired = {"macs": 100, key: 2.0, "dense_latency_b1_ms": 4.0, "latency_b1_disturbed": False}
+    assert speedup_cell(paired, base, key) == "2.00x"  # 4 / 2, not 10 / 2
+    assert speedup_cell({**paired, "latency_b1_disturbed": True}, base, key) == "disturbed"
+    assert "suspect" in speedup_cell({**paired, "dense_latency_b1_ms": 20.0}, base, key)  # 10x from 3x fewer MACs
+    assert speedup_cell({"macs": 100, key: 5.0}, base, key) == "2.00x"  # unpaired (older results): the original's
+    assert speedup_cell({"macs": 100, key: 5.0}, {**base, "latency_b1_disturbed": True}, key) == "disturbed"
+    assert speedup_cell({"macs": 100}, base, key) == "-"
+    row = {"setting": "svd", "ratio": 3.0, "stage": "compress-only", "accuracy": 0.9, "accuracy_se": 0.01,
+           "macro_f1": 0.9, "macro_f1_se": 0.01, "f1_meningioma": 0.9, "f1_meningioma_se": 0.01, "params": 1,
+           **paired, "latency_b1_disturbed": True}
+    assert "disturbed / -" in text_table([{**row, **base, "setting": "uncompressed", "stage": "-"}, row])
 
 
 def test_comparison_end_to_end(tmp_path) -> None:
@@ -30,6 +57,9 @@ def test_comparison_end_to_end(tmp_path) -> None:
     for r in rows[1:]:
         assert abs(rows[0]["macs"] / r["macs"] / 3.0 - 1) <= 0.02
         assert 0 <= r["accuracy"] <= 1 and r["accuracy_se"] >= 0 and r["latency_b1_ms"] > 0
+        # timed interleaved with the original: the dense time it is compared with, and the spread flag
+        assert r["dense_latency_b1_ms"] > 0 and isinstance(r["latency_cl_b32_disturbed"], bool)
+    assert "dense_latency_b1_ms" not in rows[0] and "latency_b1_disturbed" in rows[0]
     assert "svd" in markdown_table(rows) and "hsc" in text_table(rows)
     js = json.loads(save_json(rows, tmp_path / "r.json", {"command": "test"}).read_text())
     assert len(js["rows"]) == 5
@@ -66,3 +96,51 @@ def test_reproduce_latency_pass_adds_latency_to_saved_results(tmp_path, monkeypa
     md = (out / "RESULTS.md").read_text()
     assert "--measure-latency" in md and "not measured" not in md
     assert "channels_last (NHWC)" in md and md.count(" / ") > 6
+
+
+_SHRUNK_DEMO = """
+import functools, sys
+import hsc_plugin.mri as mri
+import hsc_plugin.mri.experiment as experiment
+
+mri.demo_recipe = lambda: mri.TrainRecipe(input_size=32, width=0.25, epochs=1, lr=1e-3, batch_size=32)
+experiment.LATENCY_CONFIGS = ((1, False), (1, True))  # batch 1 only, both layouts
+experiment.measure_interleaved = functools.partial(experiment.measure_interleaved, threads=1)
+full = experiment.run_comparison
+experiment.run_comparison = lambda *a, **k: full(*a, **{**k, "latency_runs": 3, "n_boot": 50})
+from hsc_plugin.cli import main
+sys.exit(main(["demo", "--data", sys.argv[1], "--out-dir", sys.argv[2]]))
+"""
+
+
+def test_demo_output_captured_has_no_progress_noise_and_times_every_step(tmp_path) -> None:
+    """Issue 14.3/14.4: ``hsc demo`` with stdout and stderr captured (pipes, not a terminal) prints
+    no carriage return, at most one progress line per stage, and says how long each step took.
+    Shrunk to run in seconds: 12 + 4 images per class, a 32 px model trained for one epoch,
+    3 timing runs at batch 1 with one thread."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for split, n in (("train", 12), ("test", 4)):
+        for cls_dir in sorted((bundled_sample_path() / split).iterdir()):
+            (data / split / cls_dir.name).mkdir(parents=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                shutil.copy(f, data / split / cls_dir.name / f.name)
+    env = {**__import__("os").environ, "HSC_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _SHRUNK_DEMO, str(data), str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=900)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    bars = [line for line in text.splitlines() if re.search(r"\d+%\||\d+/\d+ \[|(it|batch|layer)/s\]", line)]
+    stages = [line.split(":")[0] for line in bars]
+    assert len(stages) == len(set(stages)), bars  # at most one progress line per stage
+    steps = [line for line in text.splitlines() if re.match(r"(model|original|.* @ 3x):", line)]
+    assert len(steps) == 1 + 1 + 3, text  # the model, the original, the three settings
+    for line in steps:
+        assert re.search(r"(in|evaluate[^)]*?) \d+(\.\d+)?s", line), line
+    assert re.search(r"^total \d+s$", text, re.M)
+    assert (tmp_path / "out" / "demo_report.json").is_file()

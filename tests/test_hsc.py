@@ -156,7 +156,8 @@ def test_balanced_clusters_run_as_grouped_conv() -> None:
     out = balance_clusters([[0, 1, 2, 3, 4, 5], [6], [7]], A)
     assert sorted(len(c) for c in out) == [2, 3, 3] and sorted(sum(out, [])) == list(range(8))
     model, x = _cnn(), torch.randn(8, 3, 32, 32)
-    res = compress(model, "hsc", calib=x, budget=Budget(3.0), partition="none", balanced=True, n_clusters=4)
+    res = compress(model, "hsc", calib=x, budget=Budget(3.0), partition="none", balanced=True, n_clusters=4,
+                   alternatives=False)  # exactly this form: forms would otherwise compete
     grouped = [m for m in res.model.modules() if isinstance(m, nn.Conv2d) and m.groups == 4]
     assert grouped, "balanced input clusters should execute as one grouped conv"
     assert res.report.budget_met

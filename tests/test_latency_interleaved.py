@@ -52,3 +52,10 @@ def test_disturbed_measurement_is_reported_as_such():
     assert speedup_text(r["dense"], r["compressed"], mac_ratio=2.0) == "disturbed"
     ok = {"median_ms": 100.0, "disturbed": False}
     assert "suspect" in speedup_text(ok, {"median_ms": 1.0, "disturbed": False}, mac_ratio=3.0)
+
+
+def test_channels_last_times_nhwc_copies_and_leaves_the_models_alone():
+    conv = nn.Conv2d(3, 8, 3).eval()
+    r = measure_interleaved({"conv": conv}, (3, 16, 16), runs=3, warmup=1, threads=1, channels_last=True)
+    assert r["conv"]["median_ms"] > 0 and r["conv"]["runs"] == 3
+    assert conv.weight.is_contiguous()  # still NCHW: the NHWC copy was timed

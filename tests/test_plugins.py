@@ -178,3 +178,53 @@ def test_unknown_option_is_named(example_plugin, small_cnn: nn.Module) -> None:
     # a third-party selector's own options go to the object, not to the compressor
     with pytest.raises(ValueError, match=r"\['fraction'\]"):
         compress(small_cnn, "global_svd", calib=x, rank=SELECTOR, fraction=0.3)
+
+
+# -- hsc sub-commands come from plugins (hook hsc_cli_commands), the experiment's included ------
+def test_core_cli_does_not_import_the_experiment() -> None:
+    code = ("import sys, hsc_plugin.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('hsc_plugin.mri')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_experiment_commands_are_added_by_its_hook(capsys) -> None:
+    pm = hsc_plugin.registry.get_plugin_manager()
+    experiment = importlib.import_module("hsc_plugin.mri.cli")
+    assert experiment in [impl.plugin for impl in pm.hook.hsc_cli_commands.get_hookimpls()]
+    assert main(["plugins"]) == 0
+    assert "hsc_plugin.mri" not in capsys.readouterr().out  # commands are not a strategy kind
+    name = pm.get_name(experiment)
+    pm.unregister(experiment)
+    try:
+        with pytest.raises(SystemExit) as exc:  # without the plugin, hsc has no demo command
+            main(["demo", "--help"])
+        assert exc.value.code == 2 and "invalid choice: 'demo'" in capsys.readouterr().err
+    finally:
+        pm.register(experiment, name=name)
+    for command in ("demo", "reproduce", "sweep"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert f"usage: hsc {command}" in capsys.readouterr().out
+
+
+class _HelloCommand:
+    @hsc_plugin.registry.hookimpl
+    def hsc_cli_commands(self, subparsers) -> None:
+        p = subparsers.add_parser("hello", help="a third-party command")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 3)
+
+
+def test_a_third_party_plugin_adds_a_command(capsys) -> None:
+    hsc_plugin.registry.register(_HelloCommand(), name="test-hello-command")
+    try:
+        assert main(["hello", "--name", "hsc"]) == 3  # its return value is the exit status
+    finally:
+        hsc_plugin.registry.get_plugin_manager().unregister(name="test-hello-command")
+    assert capsys.readouterr().out == "hello hsc\n"
+    with pytest.raises(SystemExit):
+        main(["hello"])

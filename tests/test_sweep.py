@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsc_plugin.adapters.nni_sweep import (
+from hsc_plugin.mri.sweep import (
     DEFAULT_SEARCH_SPACE,
     collect_rows,
     experiment_config,
@@ -149,6 +149,26 @@ def test_latency_front_column_only_when_measured() -> None:
         {"trial_id": "A", "parameter": {"method": "tucker2", "ratio": 3.0}, "value": _value(0.9, 10)}])).splitlines()[0]
 
 
+def test_disturbed_timings_are_said_and_kept_off_the_latency_front() -> None:
+    rows = [{"method": "original", "setting": "uncompressed", "ratio": 1.0, "stage": "-", "trial_id": "-",
+             **_value(0.95, 30), "latency_b1_ms": 9.0, "latency_b1_disturbed": False}]
+    rows += collect_rows([
+        {"trial_id": "A", "parameter": {"method": "tucker2", "ratio": 3.0},
+         "value": {**_value(0.9, 10), "latency_b1_ms": 2.0, "dense_latency_b1_ms": 4.0, "latency_b1_disturbed": False}},
+        {"trial_id": "B", "parameter": {"method": "tucker2", "ratio": 6.0},  # faster and as accurate, but disturbed
+         "value": {**_value(0.9, 5), "latency_b1_ms": 1.0, "dense_latency_b1_ms": 4.0, "latency_b1_disturbed": True}},
+        {"trial_id": "C", "parameter": {"method": "global_svd", "ratio": 3.0},  # 10x from 3x fewer MACs
+         "value": {**_value(0.8, 10), "latency_b1_ms": 1.5, "dense_latency_b1_ms": 15.0, "latency_b1_disturbed": False}},
+    ])
+    table = pareto_table(rows).splitlines()
+    assert "speed-up b1" in table[0]
+    line = {tid: next(l for l in table if l.startswith(f"| {tid} |")).split("|") for tid in "ABC"}
+    assert line["A"][-4].strip() == "2.00x"  # against the dense time of its own trial (4 ms), not 9 ms
+    assert line["B"][-5].strip() == "disturbed" and line["B"][-4].strip() == "disturbed"
+    assert line["B"][-2].strip() == "" and line["C"][-2].strip() == "*"  # B is off the latency front
+    assert "suspect" in line["C"][-4]
+
+
 def test_experiment_config_is_valid_nni_config() -> None:
     pytest.importorskip("nni", reason="the [nni] extra is not installed")
     from nni.experiment import ExperimentConfig
@@ -204,7 +224,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_trial_in_process_measures_the_compressed_model(tiny_checkpoint: Path) -> None:
     """One trial without NNI: tucker2 at 3x, latency on; the numbers are of the compressed model."""
-    from hsc_plugin.adapters.nni_sweep import ModelSource, run_trial
+    from hsc_plugin.mri.sweep import ModelSource, run_trial
     from hsc_plugin.mri import bundled_sample_path
 
     src = ModelSource(str(bundled_sample_path()), str(tiny_checkpoint), 32, 0.25)
@@ -285,14 +305,14 @@ def test_config_option_writes_the_nni_config_without_running(tmp_path: Path) -> 
                  str(tmp_path / "o")]) == 0
     cfg = yaml.safe_load(target.read_text())
     assert cfg["trainingService"]["platform"] == "remote"
-    assert cfg["trialCommand"].startswith("python3 -m hsc_plugin.adapters.nni_sweep trial --data /data/brain-mri-128")
+    assert cfg["trialCommand"].startswith("python3 -m hsc_plugin.mri.sweep trial --data /data/brain-mri-128")
     assert "--checkpoint /models/alexnet.pt --input-size 128" in cfg["trialCommand"]
     assert cfg["searchSpace"] == DEFAULT_SEARCH_SPACE
     assert not list((tmp_path / "o").glob("nni-experiments"))  # nothing was run
 
 
 def test_grid_size_counts_nested_choices() -> None:
-    from hsc_plugin.adapters.nni_sweep import grid_size
+    from hsc_plugin.mri.sweep import grid_size
 
     assert grid_size(DEFAULT_SEARCH_SPACE) == 28  # (2 baselines + 2*3*2 hsc) * 2 budgets
     assert grid_size({"ratio": {"_type": "choice", "_value": [3, 6]}}) == 2
@@ -306,7 +326,7 @@ def test_without_checkpoint_the_demo_model_is_trained_once_and_cached(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from hsc_plugin.adapters.nni_sweep import _prepare_model
+    from hsc_plugin.mri.sweep import _prepare_model
 
     monkeypatch.setenv("HSC_CACHE_DIR", str(tmp_path))
     args = argparse.Namespace(data=None, checkpoint=None, input_size=32, width=0.25, epochs=1, seed=0, quiet=True)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hsc_plugin.allocation import CandidateAllocation
 from hsc_plugin.budget import Budget
 from hsc_plugin.calibration import Accumulator, LayerInfo
 from hsc_plugin.cost_model import LatencyCostModel
@@ -64,10 +65,16 @@ class Compressor(ABC):
     * ``cost_model``: the :class:`~hsc_plugin.cost_model.LatencyCostModel` used by latency budgets
       (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
       ``latency_batch`` on the model's device.
+    * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
+      factorising (:mod:`hsc_plugin.recovery`), each kept only where it lowers the model's output
+      error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
     """
 
     name: ClassVar[str]
     budget_selector: ClassVar[str] = "budget"  # the rank selector used when only a budget is given
+    # The plan families this compressor's factorisation is made of (see LayerPlan.family), so that a
+    # compressor offering many forms (HSC) can reproduce this one's allocation among its candidates.
+    form_family: ClassVar[tuple[str, ...]] = ()
     supported_types: ClassVar[tuple[type[nn.Module], ...]] = SUPPORTED_TYPES
 
     def __init__(
@@ -87,6 +94,8 @@ class Compressor(ABC):
         latency_batch: int = 1,
         cost_model: LatencyCostModel | None = None,
         max_stats_gb: float | None = 4.0,
+        bn_reestimation: bool = True,
+        bias_correction: bool = False,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -108,6 +117,8 @@ class Compressor(ABC):
         if max_stats_gb is not None and not max_stats_gb > 0:
             raise ValueError(f"max_stats_gb must be > 0 (or None for no limit), got {max_stats_gb!r}")
         self.max_stats_gb = max_stats_gb
+        self.bn_reestimation = bool(bn_reestimation)
+        self.bias_correction = bool(bias_correction)
 
     # -- what subclasses implement ---------------------------------------------------------------
     # ``context`` is optional in every hook below: an implementation that does not name it is
@@ -139,6 +150,15 @@ class Compressor(ABC):
 
         A list offers alternative forms, preferred first (e.g. HSC's regions, one region, SVD):
         they compete per layer for the budget (:func:`hsc_plugin.forms.choose_forms`)."""
+
+    def recovers(self) -> bool:
+        """Whether any label-free recovery step is on (it needs calibration data)."""
+        return self.bn_reestimation or self.bias_correction
+
+    def candidate_allocations(self, context: PlanContext) -> list["CandidateAllocation"]:
+        """Other allocations to try besides this compressor's own; the pipeline keeps whichever
+        compressed model has the lowest output error on the calibration data. Default: none."""
+        return []
 
     # -- options -----------------------------------------------------------------------------------
     @classmethod

@@ -35,6 +35,8 @@ class SVDPlan(LayerPlan):
     so ``B A`` is the truncated SVD).
     """
 
+    family = "svd"
+
     def __init__(self, info: LayerInfo, S: torch.Tensor | None, *, note: str = "", form: str = "") -> None:
         module = info.module
         self.matrices = layer_matrices(module)
@@ -97,6 +99,7 @@ class GlobalSVD(Compressor):
     """
 
     name = "global_svd"
+    form_family = ("svd",)
 
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         if not self.data_aware:

@@ -24,15 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
+from hsc_plugin.allocation import CandidateAllocation
+from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import FINE_CELLS, CellStats, ClusterContributions
+from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
-from hsc_plugin.registry import available, create
+from hsc_plugin.registry import available, create, lookup
 from hsc_plugin.strategy import (Block, BlockFactoriser, ChannelClusterer, SpatialPartitioner, balance_clusters,
                                  coactivation)
 from hsc_plugin.tiling import Tiling
@@ -75,6 +77,7 @@ class HSC(Compressor):
         min_region: int = 4,
         block: str | BlockFactoriser = "svd",
         alternatives: bool = True,
+        baselines: tuple[str, ...] = ("global_svd", "tucker2"),
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -100,6 +103,9 @@ class HSC(Compressor):
         self._clusterer = create("clusterer", clusterer, ChannelClusterer,
                                  offered={"n_clusters": n_clusters, "seed": self.seed})
         self.block = block
+        self.baselines = tuple(baselines)
+        for b in self.baselines:
+            lookup("compressor", b)  # an unknown name is an error now, not after calibration
         self._block = create("block_factoriser", block, BlockFactoriser, offered={"seed": self.seed})
         if self.balanced and self._block.needs_inputs:
             raise ValueError("balanced=True runs input clusters as one grouped conv of svd blocks; use block='svd'")
@@ -114,6 +120,19 @@ class HSC(Compressor):
         out["block"] = self._block.config()
         return out
 
+    def candidate_allocations(self, context: PlanContext) -> list[CandidateAllocation]:
+        """The baselines' own allocations, rebuilt from HSC's statistics (their plans are among HSC's
+        forms): the model whose calibration output error is lowest is kept, so HSC is never worse
+        than data-aware SVD or Tucker-2 on the calibration data."""
+        if not self.alternatives:
+            return []
+        out = [CandidateAllocation("hsc (uniform error)", (), "scaled", "max")]
+        for name in self.baselines:
+            cls = lookup("compressor", name)
+            if cls.form_family:
+                out.append(CandidateAllocation(f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
+        return out
+
     @staticmethod
     def _spatial(info: LayerInfo) -> bool:
         return isinstance(info.module, nn.Conv2d) and info.module.groups == 1
@@ -121,7 +140,12 @@ class HSC(Compressor):
     def _competes(self, info: LayerInfo, context: PlanContext | None) -> bool:
         """Whether the layer's forms compete for the budget (HSC's level 4): with a budget, unless
         ``alternatives=False``."""
-        return self.alternatives and context is not None and context.has_budget and self._spatial(info)
+        return self.alternatives and context is not None and context.has_budget
+
+    @staticmethod
+    def _tucker(info: LayerInfo) -> bool:
+        """Whether Tucker-2 is a form of its own here (a k×k conv; 1×1 convs and Linear are SVDs)."""
+        return isinstance(info.module, nn.Conv2d) and info.module.kernel_size != (1, 1)
 
     def _factorisers(self, competes: bool) -> list[BlockFactoriser]:
         """The chosen block factoriser, and — when forms compete — every built-in one as well."""
@@ -148,7 +172,8 @@ class HSC(Compressor):
     def statistics_bytes(self, info: LayerInfo, context: PlanContext | None = None) -> int:
         m = info.module
         if not self._spatial(info):
-            return 8 * (int(m.weight.shape[0]) ** 2 + 1)  # float64 moment and its count
+            inputs = self._tucker(info) and self._competes(info, context)
+            return 8 * (int(m.weight.shape[0]) ** 2 + 1 + (m.in_channels ** 2 + 1 if inputs else 0))
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
         return (CellStats.nbytes(m.out_channels, grid, out_moments)
@@ -157,14 +182,17 @@ class HSC(Compressor):
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         m = info.module
         dev = m.weight.device
-        if not self._spatial(info):
-            return [OutputMoment(m.weight.shape[0], dev)]
+        if not self._spatial(info):  # grouped convs and Linear: one region, one cluster
+            accs: list[Accumulator] = [OutputMoment(m.weight.shape[0], dev)]
+            if self._tucker(info) and self._competes(info, context):
+                accs.append(InputChannelMoment(m.in_channels, dev))
+            return accs
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
         # Output cell moments serve the partitioner, output clusters and every one-cluster form;
         # input cell moments the input clusters and Tucker-2 blocks. The input clusters' own output
         # statistics come in the second pass, once the clusters are known.
-        accs: list[Accumulator] = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
+        accs = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
         if inputs:
             accs.append(CellStats(m.in_channels, grid, info.out_hw, "input", dev))
         return accs
@@ -193,7 +221,10 @@ class HSC(Compressor):
     def plan(self, info: LayerInfo, stats: list[Accumulator],
              context: PlanContext | None = None) -> LayerPlan | list[LayerPlan] | str:
         if not self._spatial(info):
-            return SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
+            svd = SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
+            if len(stats) < 2:
+                return svd
+            return [svd, Tucker2Plan(info, stats[0].S, stats[1].S, form="data-aware Tucker-2 (per group)")]
         outs: CellStats = stats[0]  # type: ignore[assignment]
         ins = next((a for a in stats[1:] if isinstance(a, CellStats)), None)
         contributions = [a for a in stats if isinstance(a, ClusterContributions)]
@@ -212,6 +243,8 @@ class HSC(Compressor):
                     forms.append(self._clustered(info, Tiling.full(tiling.grid), fac, outs, ins, []))
                 if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters
                     forms.append(self._blocks(info, tiling, fac, outs, ins, None, "output"))
+        if tiling.n_regions > 1:  # SVD's reduction on the whole map, a 1×1 per region
+            forms.append(RegionalSVDPlan(info, tiling, outs))
         whole = outs.S.sum(dim=(0, 1))
         forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
         if info.module.kernel_size != (1, 1) and ins is not None:

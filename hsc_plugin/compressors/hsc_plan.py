@@ -26,6 +26,8 @@ class HSCPlan(LayerPlan):
     rank for all clusters of a region, so the region runs as one grouped conv.
     """
 
+    family = "hsc"
+
     def __init__(self, info: LayerInfo, tiling: Tiling, side: str, clusters: list[list[list[int]]],
                  factors: list[list[BlockFactors]], tied: bool = False, form: str = "") -> None:
         m: nn.Conv2d = info.module

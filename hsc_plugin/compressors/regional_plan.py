@@ -51,6 +51,8 @@ def regional_least_squares(S_r: torch.Tensor, P: torch.Tensor) -> tuple[torch.Te
 class RegionalSVDPlan(LayerPlan):
     """One rank K: k×k reduce with SVD's K filters on the whole map, a 1×1 per region."""
 
+    family = "hsc"
+
     def __init__(self, info: LayerInfo, tiling: Tiling, cells: CellStats, form: str = "") -> None:
         m: nn.Conv2d = info.module
         self.tiling = tiling

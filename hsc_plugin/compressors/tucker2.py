@@ -36,6 +36,8 @@ class Tucker2Plan(LayerPlan):
     The cost couples them (the core costs R_in·R_out·k²), which the budget selector handles.
     """
 
+    family = "tucker2"
+
     def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None, *,
                  form: str = "") -> None:
         m: nn.Conv2d = info.module
@@ -134,6 +136,7 @@ class Tucker2(Compressor):
 
     name = "tucker2"
     budget_selector = "scaled"
+    form_family = ("tucker2", "svd")  # Linear layers and 1×1 convs are SVDs
 
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
         if not self.data_aware:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "fold_affine"]
+__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "add_bias", "region_deltas", "fold_affine"]
 
 TYPES: dict[str, type["FactorisedModule"]] = {}
 """Every factorised module type by its spec name (``spec()["type"]``); filled by subclassing."""
@@ -46,6 +46,13 @@ class FactorisedModule:
     and ``tp_one_op`` (torch-pruning must trace and prune it as one layer: its inner crops,
     concatenations or channel gathers are not channel maps tp understands; the channel surgery
     for such a type lives in the torch-pruning adapter).
+
+    What label-free recovery (:mod:`hsc_plugin.recovery`) asks: ``output_bias_regions(h, w)``
+    (the output boxes that carry their own bias; one box unless the form is regional) and
+    ``add_output_bias(delta)`` (shift the output by ``delta``, shaped ``(C_out,)`` or
+    ``(n_regions, C_out)`` in the order of ``output_bias_regions``). Every type should implement
+    ``add_output_bias``; a factor without a bias gets one, and ``spec()`` must then say
+    ``bias=True`` so that save/load round-trips (:func:`add_bias`, :func:`region_deltas` help).
     """
 
     speedup_incompatible: ClassVar[str | None] = None
@@ -69,6 +76,37 @@ class FactorisedModule:
 
     def to_dense(self) -> nn.Module | None:
         return None
+
+    def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """Boxes (rows ``[o0, o1)``, columns ``[q0, q1)``) of an ``h × w`` output map that each
+        have their own output bias, in the order :meth:`add_output_bias` takes them."""
+        return [(0, h, 0, w)]
+
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` to the module's output: ``(C_out,)`` everywhere, or ``(n_regions, C_out)``
+        one row per box of :meth:`output_bias_regions`."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement add_output_bias")
+
+
+def region_deltas(delta: torch.Tensor, n_regions: int, channels: int) -> torch.Tensor:
+    """``delta`` of shape ``(channels,)`` or ``(n_regions, channels)`` as ``(n_regions, channels)``."""
+    d = delta.detach()
+    if d.shape == (channels,):
+        return d.expand(n_regions, channels)
+    if d.shape != (n_regions, channels):
+        raise ValueError(f"Output bias delta must have shape ({channels},) or ({n_regions}, {channels}), "
+                         f"got {tuple(d.shape)}")
+    return d
+
+
+@torch.no_grad()
+def add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+    """``layer.bias += delta`` for an ``nn.Conv2d``/``nn.Linear``, giving it a bias if it has none."""
+    w = layer.weight
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype),
+                                  requires_grad=w.requires_grad)
+    layer.bias.add_(delta.to(layer.bias))
 
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded

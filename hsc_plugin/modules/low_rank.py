@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv, fold_affine
+from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
+                                     fold_affine, region_deltas)
 
 __all__ = ["LowRankConv2d", "LowRankLinear"]
 
@@ -67,6 +68,9 @@ class LowRankConv2d(FactorisedModule, nn.Sequential):
     def to_dense(self) -> nn.Module:
         return dense_conv([self.reduce, self.expand], self.reduce, "or,rikl->oikl").train(self.training)
 
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        add_bias(self.expand, region_deltas(delta, 1, self.expand.out_channels)[0])
+
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         if scale.numel() != self.expand.out_channels:
             return False
@@ -117,3 +121,6 @@ class LowRankLinear(FactorisedModule, nn.Sequential):
         if d.bias is not None:
             d.bias.copy_(e.bias)
         return d.train(self.training)
+
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        add_bias(self.expand, region_deltas(delta, 1, self.expand.out_features)[0])

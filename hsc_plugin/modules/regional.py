@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, fold_affine
+from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, fold_affine,
+                                     region_deltas)
 from hsc_plugin.tiling import Tiling, output_box
 
 __all__ = ["RegionalExpansionConv2d"]
@@ -130,3 +131,12 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
         for e in self.expands:
             fold_affine(e, scale, shift)
         return True
+
+    def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        return [output_box(list(r), h, w, list(self.tiling.grid)) for r in self.tiling.regions]
+
+    @torch.no_grad()
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        """Each region's own 1×1 takes its row of ``delta`` (or the same shift everywhere)."""
+        for e, row in zip(self.expands, region_deltas(delta, len(self.expands), self.out_channels)):
+            add_bias(e, row)

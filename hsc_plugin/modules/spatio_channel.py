@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, fold_affine
+from hsc_plugin.modules.base import FactorisedModule, add_bias, fold_affine, region_deltas
 from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, output_box
 
 __all__ = ["RegionBlock", "SpatioChannelConv2d"]
@@ -233,6 +233,23 @@ class RegionBlock(nn.Module):
             out.update(block=self.block, ranks_in=self.ranks_in)
         return out
 
+    @torch.no_grad()
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        """Shift every output channel by ``delta`` (C_out,): in the one 1×1 (input side), in each
+        cluster's 1×1 and the dropped clusters' constant (output side), or in the zero-rank constant."""
+        self.has_bias = True
+        if self.total_rank == 0:
+            self.const_bias += delta.to(self.const_bias)
+            return
+        if self.side == "input":
+            add_bias(self.expands[0], delta)
+            return
+        kept = [i for i, r in enumerate(self.ranks) if r > 0]
+        for conv, i in zip(self.expands, kept):
+            add_bias(conv, delta[self.clusters[i]])
+        if self.dropped:
+            self.dropped_bias += delta[self.dropped].to(self.dropped_bias)
+
 
 def _check_block(side: str, block: str, clusters: list[list[int]], ranks: list[int],
                  ranks_in: list[int] | None) -> None:
@@ -351,6 +368,15 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         if self.block != "svd":  # only then: specs saved before Tucker-2 blocks load unchanged
             out.update(block=self.block, region_ranks_in=[b.ranks_in for b in self.blocks])
         return out
+
+    def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        if self.single:
+            return [(0, h, 0, w)]
+        return [output_box(r, h, w, self.grid) for r in self.regions]
+
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        for block, row in zip(self.blocks, region_deltas(delta, len(self.blocks), self.out_channels)):
+            block.add_output_bias(row)
 
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         if scale.numel() != self.out_channels:

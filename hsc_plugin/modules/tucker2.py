@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv, fold_affine
+from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
+                                     fold_affine, region_deltas)
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -62,6 +63,9 @@ class Tucker2Conv2d(FactorisedModule, nn.Sequential):
     def to_dense(self) -> nn.Module:
         convs = [self.first, self.core, self.last]
         return dense_conv(convs, self.core, "ob,bakl,ai->oikl").train(self.training)
+
+    def add_output_bias(self, delta: torch.Tensor) -> None:
+        add_bias(self.last, region_deltas(delta, 1, self.last.out_channels)[0])
 
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         if scale.numel() != self.last.out_channels:

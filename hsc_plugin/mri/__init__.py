@@ -34,6 +34,7 @@ from hsc_plugin.mri.train import (
     evaluate,
     finetune,
     load_or_train,
+    model_cache_name,
     paper_recipe,
 )
 
@@ -55,5 +56,6 @@ __all__ = [
     "format_table",
     "load_or_train",
     "load_split",
+    "model_cache_name",
     "paper_recipe",
 ]

@@ -1,9 +1,10 @@
-"""``hsc demo`` and ``hsc reproduce``: the brain-MRI experiment from the command line."""
+"""``hsc demo``, ``hsc reproduce`` and ``hsc sweep``: the brain-MRI experiment from the command
+line, added to ``hsc`` by the ``hsc_cli_commands`` hook (this module is the experiment's plugin,
+registered in the ``hsc_plugin`` entry-point group like the built-in strategies)."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
@@ -11,20 +12,26 @@ from typing import Any
 
 import torch
 
-__all__ = ["add_commands", "demo", "reproduce"]
+from hsc_plugin.registry import hookimpl
+
+__all__ = ["add_commands", "demo", "reproduce", "hsc_cli_commands"]
 
 
-def _model_cache_name(prefix: str, data: Path, recipe: Any, seed: int) -> str:
-    key = f"{data.resolve()}|{recipe}|{seed}"
-    return f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+@hookimpl
+def hsc_cli_commands(subparsers: Any) -> None:
+    """``hsc demo``, ``hsc reproduce`` and ``hsc sweep`` (NNI, :mod:`hsc_plugin.mri.sweep`)."""
+    from hsc_plugin.mri.sweep import add_commands as add_sweep
+
+    add_commands(subparsers)
+    add_sweep(subparsers)
 
 
 def _trained_model(data: Path, recipe: Any, seed: int, prefix: str, progress: bool):
-    from hsc_plugin.mri import alexnet_mri, load_or_train, load_split
+    from hsc_plugin.mri import alexnet_mri, load_or_train, load_split, model_cache_name
 
     train = load_split(data, "train", recipe.input_size)
     test = load_split(data, "test", recipe.input_size)
-    name = _model_cache_name(prefix, data, recipe, seed)
+    name = model_cache_name(prefix, data, recipe, seed)
     t0 = time.perf_counter()
     model = load_or_train(name, lambda: alexnet_mri(width=recipe.width, input_size=recipe.input_size), train,
                           seed=seed, progress=progress, **recipe.train_kwargs())
@@ -77,8 +84,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def measure_saved_latency(args: argparse.Namespace) -> int:
     """Second pass of ``hsc reproduce``: latency needs an idle machine, accuracy does not. Load the
-    models kept by ``--save-models``, time them (2 threads, batch 1 and 32, NCHW and channels_last,
-    median of ``--latency-runs`` after warm-up) beside the uncompressed model, and rewrite the results with the latency."""
+    models kept by ``--save-models``, time each interleaved with the uncompressed model (2 threads,
+    batch 1 and 32, NCHW and channels_last, median of ``--latency-runs`` after warm-up), and
+    rewrite the results with the latency."""
     import json
 
     from hsc_plugin import load
@@ -86,6 +94,7 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     from hsc_plugin.mri.experiment import latency_columns, model_slug
     from hsc_plugin.mri.report import machine_description, plot_pareto, results_markdown, save_json
 
+    start = time.perf_counter()
     out = Path(args.out_dir)
     saved = json.loads((out / "results.json").read_text())
     rows, meta = saved["rows"], saved["meta"]
@@ -95,23 +104,26 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     def fresh() -> torch.nn.Module:
         return alexnet_mri(width=recipe.width, input_size=recipe.input_size).eval()
 
-    timed: dict[str, dict[str, float]] = {}
+    dense = fresh()  # timed interleaved with every compressed model (its weights do not change its time)
+    timed: dict[str, dict[str, Any]] = {}
 
-    def timing(key: str, model: torch.nn.Module) -> dict[str, float]:
+    def timing(key: str, model: torch.nn.Module, paired: bool) -> dict[str, Any]:
         if key not in timed:
-            timed[key] = t = latency_columns(model, shape, args.latency_runs)
-            print(f"{key:<60} b1 {t['latency_b1_ms']:7.3f} ms  b32 {t['latency_b32_ms']:7.2f} ms  "
-                  f"NHWC b1 {t['latency_cl_b1_ms']:7.3f} ms  b32 {t['latency_cl_b32_ms']:7.2f} ms", flush=True)
+            t0 = time.perf_counter()
+            timed[key] = t = latency_columns(model, shape, args.latency_runs, dense if paired else None)
+            cells = [f"{name} {t[f'latency{cl}_b{b}_ms']:7.3f} ms" + (" (disturbed)" if t[f"latency{cl}_b{b}_disturbed"] else "")
+                     for name, cl, b in (("b1", "", 1), ("b32", "", 32), ("NHWC b1", "_cl", 1), ("b32", "_cl", 32))]
+            print(f"{key:<60} {'  '.join(cells)}  ({time.perf_counter() - t0:.0f}s)", flush=True)
         return timed[key]
 
     for row in rows:
         if row.get("stage") == "failed":
             continue
         if row["method"] == "original":
-            t = timing("uncompressed", fresh())
+            t = timing("uncompressed", dense, paired=False)
         else:
             slug = model_slug(row["setting"], row["ratio"])  # fine-tuned rows share the structure
-            t = timing(slug, load(Path(args.measure_latency) / slug, fresh()))
+            t = timing(slug, load(Path(args.measure_latency) / slug, fresh()), paired=True)
         row.update(t)
     cmd = "hsc reproduce " + " ".join(sys.argv[2:])
     first = meta.get("accuracy_command", meta["command"])  # the accuracy pass (rerunning this pass keeps it)
@@ -120,7 +132,7 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     save_json(rows, out / "results.json", meta)
     plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
     (out / "RESULTS.md").write_text(results_markdown(rows, meta))
-    print(f"latency added to {out / 'RESULTS.md'}")
+    print(f"latency added to {out / 'RESULTS.md'}\ntotal {time.perf_counter() - start:.0f}s")
     return 0
 
 
@@ -142,13 +154,17 @@ def reproduce(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from hsc_plugin.mri import alexnet_mri, load_split
 
+        t0 = time.perf_counter()
         train, test = load_split(data, "train", recipe.input_size), load_split(data, "test", recipe.input_size)
         model = alexnet_mri(width=recipe.width, input_size=recipe.input_size)
         model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
         model.eval()
-        t_train = 0.0
+        t_train = time.perf_counter() - t0
     else:
         model, train, test, t_train = _trained_model(data, recipe, args.seed, "alexnet_mri-paper", not args.quiet)
+    print(f"model: alexnet_mri(width={recipe.width}, input_size={recipe.input_size}) "
+          f"{'loaded from ' + args.checkpoint if args.checkpoint else 'ready'} with the data in {t_train:.0f}s "
+          f"({len(train)} train / {len(test)} test images)", flush=True)
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS if args.all_settings else PAPER_SETTINGS
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
                           finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
@@ -162,11 +178,12 @@ def reproduce(args: argparse.Namespace) -> int:
     save_json(rows, out / "results.json", meta)
     plot_pareto(rows, out / "pareto.png", title="brain-MRI AlexNet: accuracy vs cost")
     (out / "RESULTS.md").write_text(results_markdown(rows, meta))
-    print(f"written {out / 'RESULTS.md'}")
+    print(f"written {out / 'RESULTS.md'}\ntotal {time.perf_counter() - start:.0f}s")
     return 0
 
 
 def add_commands(sub: Any) -> None:
+    """Register ``hsc demo`` and ``hsc reproduce`` on the ``hsc`` sub-command parser."""
     d = sub.add_parser("demo", help="the main job: train, compress 3x with every method, compare (bundled data)")
     d.add_argument("--data", help="data folder (Kaggle layout); default: $HSC_MRI_DATA or the bundled sample")
     d.add_argument("--out-dir", default="hsc-demo", help="where the JSON report and the plot go")

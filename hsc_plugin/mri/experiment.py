@@ -20,9 +20,10 @@ from torch.utils.data import TensorDataset
 from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.costs import measure_costs
-from hsc_plugin.latency import measure_latency
+from hsc_plugin.latency import measure_interleaved
 from hsc_plugin.mri.data import CLASSES
 from hsc_plugin.mri.metrics import bootstrap_se, classification_metrics
+from hsc_plugin.mri.report import speedup_cell
 from hsc_plugin.mri.train import evaluate, finetune
 
 __all__ = ["Setting", "DEFAULT_SETTINGS", "PAPER_SETTINGS", "QUICK_SETTINGS", "evaluate_model", "run_comparison", "calibration_subset"]
@@ -100,23 +101,52 @@ def model_slug(label: str, ratio: float) -> str:
     return f"{ratio:g}x-" + "".join(ch if ch.isalnum() else "_" for ch in label)
 
 
-def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int) -> dict[str, float]:
-    """The table's latency columns: CPU ms (2 threads, median of ``runs``) at batch 1 and 32, in
-    the default NCHW layout and in channels_last (model and input), the layout a CPU deployment
-    should use: PyTorch's NCHW max-pool alone took a quarter of the uncompressed model's time at
-    batch 32 here."""
-    out = {f"latency_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs)["median_ms"] for b in (1, 32)}
-    out.update({f"latency_cl_b{b}_ms": measure_latency(model, input_shape, batch=b, runs=runs,
-                                                       channels_last=True)["median_ms"] for b in (1, 32)})
+LATENCY_CONFIGS: tuple[tuple[int, bool], ...] = ((1, False), (32, False), (1, True), (32, True))
+"""(batch, channels_last) of the latency columns."""
+
+
+def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int,
+                    dense: nn.Module | None = None) -> dict[str, Any]:
+    """The table's latency columns: CPU ms (2 threads, median of ``runs`` after warm-up) at batch 1
+    and 32, in the default NCHW layout and in channels_last (model and input), the layout a CPU
+    deployment should use: PyTorch's NCHW max-pool alone took a quarter of the uncompressed model's
+    time at batch 32 here.
+
+    With ``dense`` (the uncompressed model) each configuration times the two interleaved (dense,
+    model, dense, ...), so a load spike hits both alike instead of becoming a speed-up; the row
+    keeps the dense median it is compared with (``dense_latency_*_ms``). ``latency_*_disturbed``
+    says the spread of a timing was too wide to trust (the table then prints "disturbed").
+    """
+    out: dict[str, Any] = {}
+    for batch, cl in LATENCY_CONFIGS:
+        key = f"latency{'_cl' if cl else ''}_b{batch}"
+        models = {"model": model} if dense is None else {"dense": dense, "model": model}
+        t = measure_interleaved(models, input_shape, batch=batch, runs=runs, channels_last=cl)
+        out[f"{key}_ms"] = t["model"]["median_ms"]
+        out[f"{key}_disturbed"] = any(bool(v["disturbed"]) for v in t.values())
+        if dense is not None:
+            out[f"dense_{key}_ms"] = t["dense"]["median_ms"]
     return out
 
 
-def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int) -> dict[str, Any]:
+def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int,
+                       dense: nn.Module | None = None) -> dict[str, Any]:
     c = measure_costs(model, torch.zeros(1, *input_shape))
     row: dict[str, Any] = {"macs": c.macs, "params": c.params}
     if latency:
-        row.update(latency_columns(model, input_shape, runs))
+        row.update(latency_columns(model, input_shape, runs, dense))
     return row
+
+
+def _timing_warnings(row: dict[str, Any], base: dict[str, Any]) -> str:
+    """What a compressed row's timings should not be trusted for, or ''."""
+    notes = []
+    for batch, cl in LATENCY_CONFIGS:
+        key = f"latency{'_cl' if cl else ''}_b{batch}_ms"
+        text = speedup_cell(row, base, key)
+        if text == "disturbed" or "suspect" in text:
+            notes.append(f"{'NHWC ' if cl else ''}b{batch} {text}")
+    return f"  timing: {'; '.join(notes)}" if notes else ""
 
 
 def _peak_rss_mb() -> float:
@@ -179,21 +209,19 @@ def run_comparison(
             row = {"method": s.method, "setting": s.label, "ratio": ratio, "stage": "compress-only",
                    "options": s.options, "compress_s": seconds, "peak_rss_mb": _peak_rss_mb(),
                    "achieved_ratio": result.report.achieved_ratio}
-            row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs))
+            row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs, dense=model))
             row.update(evaluate_model(result.model, test, n_boot=n_boot, seed=seed))
             rows.append(row)
             log(f"{s.label} @ {ratio:g}x: acc {row['accuracy']:.4f}  MACs {row['macs']:,}  "
-                f"(compress {seconds:.1f}s, evaluate{' + time' if latency else ''} "
-                f"{time.perf_counter() - t0 - seconds:.1f}s)")
+                f"(compress {seconds:.1f}s, evaluate{' + time against the original' if latency else ''} "
+                f"{time.perf_counter() - t0 - seconds:.1f}s){_timing_warnings(row, base)}")
             if finetune_epochs > 0:
                 t1 = time.perf_counter()
                 tuned = finetune(copy.deepcopy(result.model), train, epochs=finetune_epochs, lr=finetune_lr,
                                  optimizer=finetune_optimizer, augment=finetune_augment, teacher=model, seed=seed,
                                  progress=progress)
-                ft = dict(row, stage="fine-tuned")
+                ft = dict(row, stage="fine-tuned")  # same modules as compress-only: same MACs and timings
                 ft.update(evaluate_model(tuned, test, n_boot=n_boot, seed=seed))
-                if latency:
-                    ft.update(_costs_and_latency(tuned, input_shape, latency, latency_runs))
                 rows.append(ft)
                 log(f"  fine-tuned: acc {ft['accuracy']:.4f}  ({time.perf_counter() - t1:.1f}s)")
     return rows

@@ -9,8 +9,10 @@ from typing import Any, Sequence
 
 import torch
 
+from hsc_plugin.latency import speedup_text
+
 __all__ = ["markdown_table", "text_table", "pareto_front", "plot_pareto", "save_json", "machine_description",
-           "results_markdown"]
+           "results_markdown", "speedup_cell"]
 
 PAPER = {
     "gflops_before": 8.21, "gflops_after": 1.55, "flops_reduction": "81.1%", "speedup": 1.38,
@@ -30,10 +32,18 @@ def machine_description() -> str:
     return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads available, latency measured with 2"
 
 
-def _speedup(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
-    if key in row and key in base and row[key]:
-        return f"{base[key] / row[key]:.2f}x"
-    return "-"
+def speedup_cell(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
+    """Speed-up of ``row`` over the original for a latency column (``latency_b1_ms``, ...): against
+    the dense time measured interleaved with it when there is one (``dense_<key>``), else the
+    original row's; "disturbed" when either timing was; flagged when above the MAC ratio."""
+    if not row.get(key) or (key not in base and f"dense_{key}" not in row):
+        return "-"
+    flag = key[: -len("_ms")] + "_disturbed"
+    paired = f"dense_{key}" in row
+    dense = {"median_ms": row[f"dense_{key}"] if paired else base[key],
+             "disturbed": bool(row.get(flag)) or (not paired and bool(base.get(flag)))}
+    mac_ratio = base["macs"] / row["macs"] if row.get("macs") and base.get("macs") else None
+    return speedup_text(dense, {"median_ms": row[key], "disturbed": bool(row.get(flag))}, mac_ratio)
 
 
 def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
@@ -52,8 +62,8 @@ def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
         f"{row['params'] / 1e6:.3f}",
         "-" if lat1 is None else f"{lat1:.2f}",
         "-" if lat32 is None else f"{lat32:.1f}",
-        f"{_speedup(row, base, 'latency_b1_ms')} / {_speedup(row, base, 'latency_b32_ms')}",
-        f"{_speedup(row, base, 'latency_cl_b1_ms')} / {_speedup(row, base, 'latency_cl_b32_ms')}",
+        f"{speedup_cell(row, base, 'latency_b1_ms')} / {speedup_cell(row, base, 'latency_b32_ms')}",
+        f"{speedup_cell(row, base, 'latency_cl_b1_ms')} / {speedup_cell(row, base, 'latency_cl_b32_ms')}",
         "-" if "compress_s" not in row else f"{row['compress_s']:.1f}",
     ]
 
@@ -160,10 +170,10 @@ def _best_table(rows: Sequence[dict[str, Any]], ratios: list[float]) -> list[str
                 cells.append("-")
                 continue
             b = max(cands, key=lambda x: x["accuracy"])
-            speed = f", {_speedup(b, base, 'latency_b1_ms')} / {_speedup(b, base, 'latency_b32_ms')}" \
+            speed = f", {speedup_cell(b, base, 'latency_b1_ms')} / {speedup_cell(b, base, 'latency_b32_ms')}" \
                 if "latency_b1_ms" in b else ""
             if "latency_cl_b1_ms" in b:
-                speed += f"; NHWC {_speedup(b, base, 'latency_cl_b1_ms')} / {_speedup(b, base, 'latency_cl_b32_ms')}"
+                speed += f"; NHWC {speedup_cell(b, base, 'latency_cl_b1_ms')} / {speedup_cell(b, base, 'latency_cl_b32_ms')}"
             cells.append(f"{100 * b['accuracy']:.2f} ± {100 * b['accuracy_se']:.2f} ({b['setting']}{speed})")
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     return out
@@ -185,7 +195,7 @@ def results_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], plot:
             return "-"
         if f"{prefix}_b1_ms" not in base:
             return "not measured (run the --measure-latency pass)"
-        return f"{_speedup(r, base, f'{prefix}_b1_ms')} / {_speedup(r, base, f'{prefix}_b32_ms')}"
+        return f"{speedup_cell(r, base, f'{prefix}_b1_ms')} / {speedup_cell(r, base, f'{prefix}_b32_ms')}"
 
     def acc(r: dict[str, Any] | None) -> str:
         return "-" if r is None else f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_se']:.2f}% ({r['setting']}, {r['stage']})"

@@ -1,18 +1,18 @@
 """Training, distillation fine-tuning, evaluation and a checkpoint cache for the MRI experiment.
 
-The data sets here are small enough to live in memory, so batches are cut from tensors directly
-(no ``DataLoader`` and no per-item Python overhead) and augmented on the whole batch
-at once (random horizontal flip plus a small random affine: shift, scale, rotation). Everything
-is seeded; with the same seed, data and device a run is repeatable.
+The loop is the core's (:mod:`hsc_plugin.finetuning`); what is this experiment's own is the
+recipes, the warm-up schedule of training from scratch and the augmentation (random horizontal
+flip plus a small random affine: shift, scale, rotation, on the whole batch at once). The data
+sets are small enough to live in memory, so batches are cut from tensors directly. Everything is
+seeded; with the same seed, data and device a run is repeatable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
-from tqdm.auto import tqdm
+
+from hsc_plugin.finetuning import EpochStats, fit
+from hsc_plugin.finetuning import finetune as core_finetune
 
 __all__ = [
     "TrainRecipe",
@@ -31,6 +33,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "load_or_train",
+    "model_cache_name",
     "paper_recipe",
     "train",
 ]
@@ -89,6 +92,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hsc_plugin"
 
 
+def model_cache_name(prefix: str, data: str | os.PathLike[str], recipe: TrainRecipe, seed: int) -> str:
+    """File name, in :func:`cache_dir`, of a model trained on ``data`` with ``recipe`` and ``seed``:
+    the three are hashed into it, so changing any of them trains anew (``hsc demo``, ``hsc sweep``)."""
+    key = f"{Path(data).resolve()}|{recipe}|{seed}"
+    return f"{prefix}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -107,38 +117,32 @@ def train(
     """Train ``model`` in place with cross-entropy; returns the history.
 
     AdamW (or ``optimizer="sgd"``: SGD with Nesterov momentum 0.9) with one epoch of linear
-    warm-up then cosine decay to zero, per step. ``eval_data``, when given, is evaluated after
-    every epoch (for choosing recipes; it does not influence training).
+    warm-up then cosine decay to zero, per step (the loop is :func:`hsc_plugin.finetuning.fit`).
+    ``eval_data``, when given, is evaluated after every epoch (for choosing recipes; it does not
+    influence training).
 
     Returns:
         ``{"loss": [...], "train_acc": [...], "eval_acc": [...], "lr": [...], "time_s": float,
         "epochs": int, "device": str}`` with one entry per epoch (``eval_acc`` empty without
         ``eval_data``). ``time_s`` is the training wall time without evaluation.
     """
-    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr)
-    dev = _resolve_device(device)
-    x, y = _tensors(train_data)
-    model.to(dev)
-    gen = _generator(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _make_optimizer(params, optimizer, lr, weight_decay)
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    sched = _warmup_cosine(opt, steps_per_epoch, epochs * steps_per_epoch)
+    dev = _device(device)
     history: dict[str, Any] = {"loss": [], "train_acc": [], "eval_acc": [], "lr": []}
-    elapsed = 0.0
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        loss, acc = _epoch(model, x, y, opt, sched, lambda logits, yb, _: F.cross_entropy(logits, yb), batch_size=batch_size, gen=gen, dev=dev,
-                           augment=augment, desc=f"train {epoch + 1}/{epochs}", progress=progress)
-        elapsed += time.perf_counter() - start
-        history["loss"].append(loss)
-        history["train_acc"].append(acc)
-        history["lr"].append(opt.param_groups[0]["lr"])
+
+    def after_epoch(epoch: int, stats: EpochStats) -> None:
+        history["loss"].append(stats.loss)
+        history["train_acc"].append(stats.accuracy)
+        history["lr"].append(stats.lr)
         if eval_data is not None:
             yt, yp = evaluate(model, eval_data, device=dev)
             history["eval_acc"].append(float((yt == yp).mean()))
+
+    stats = fit(model, train_data, lambda logits, y, _: F.cross_entropy(logits, y), epochs=epochs, lr=lr,
+                batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, schedule=_warmup_cosine,
+                augment=_augment if augment else None, seed=seed, device=dev, progress=progress,
+                desc="train", on_epoch=after_epoch)
     model.eval()
-    history.update(time_s=elapsed, epochs=epochs, device=str(dev))
+    history.update(time_s=sum(s.seconds for s in stats), epochs=epochs, device=str(dev))
     return history
 
 
@@ -159,47 +163,19 @@ def finetune(
     weight_decay: float = 0.0,
     optimizer: str = "adamw",
 ) -> nn.Module:
-    """Fine-tune every parameter of a (compressed) model; optionally distil from ``teacher``.
+    """:func:`hsc_plugin.finetune` with this experiment's augmentation (``augment=True``: random
+    flip and small affine per image, see :func:`_augment`).
 
-    Loss = ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)`` with
-    temperature ``T`` (Hinton et al. 2015); without a teacher it is plain cross-entropy. The
-    teacher is put in eval mode and never updated. AdamW (or ``optimizer="sgd"``: Nesterov
-    momentum) with cosine decay per step, no warm-up (the weights are already good). Any ``nn.Module`` works, whatever its layers are.
+    Loss = ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``; every
+    parameter is trained; AdamW (or ``"sgd"``) with cosine decay per step.
 
     Returns:
         ``model`` itself, on ``device``, in eval mode.
     """
-    _check_positive(epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    dev = _resolve_device(device)
-    x, y = _tensors(train_data)
-    model.to(dev)
-    if teacher is not None:
-        teacher.to(dev).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    gen = _generator(seed)
-    opt = _make_optimizer(list(model.parameters()), optimizer, lr, weight_decay)
-    total_steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    )
-
-    def loss_fn(logits: Tensor, yb: Tensor, xb: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits, yb)
-        if teacher is None or alpha == 0:
-            return loss
-        with torch.no_grad():
-            t_logits = teacher(xb)
-        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(t_logits / temperature, dim=1),
-                      reduction="batchmean", log_target=True)
-        return (1.0 - alpha) * loss + alpha * temperature**2 * kd
-
-    for epoch in range(epochs):
-        _epoch(model, x, y, opt, sched, loss_fn, batch_size=batch_size, gen=gen, dev=dev, augment=augment,
-               desc=f"finetune {epoch + 1}/{epochs}", progress=progress)
-    return model.eval()
+    return core_finetune(model, train_data, teacher=teacher, epochs=epochs, lr=lr, alpha=alpha,
+                         temperature=temperature, batch_size=batch_size, optimizer=optimizer,
+                         weight_decay=weight_decay, augment=_augment if augment else None, seed=seed,
+                         device=device, progress=progress)
 
 
 @torch.no_grad()
@@ -213,7 +189,7 @@ def evaluate(
 
     The model's train/eval mode is restored afterwards.
     """
-    dev = _resolve_device(device)
+    dev = _device(device)
     x, y = _tensors(data)
     was_training = model.training
     model.to(dev).eval()
@@ -258,73 +234,18 @@ def load_or_train(
 # ----------------------------------------------------------------------------------- helpers
 
 
-def _epoch(model: nn.Module, x: Tensor, y: Tensor, opt: torch.optim.Optimizer,
-           sched: torch.optim.lr_scheduler.LRScheduler, loss_fn: Callable[..., Tensor], *, batch_size: int,
-           gen: torch.Generator, dev: torch.device, augment: bool, desc: str, progress: bool) -> tuple[float, float]:
-    """One shuffled pass with a per-step schedule; returns (mean loss, training accuracy).
-    ``loss_fn(logits, y, x)`` sees the inputs too, for distillation."""
-    model.train()
-    total_loss, correct = 0.0, 0
-    bar = _bar(math.ceil(len(x) / batch_size), desc, progress)
-    for xb, yb in _batches(x, y, batch_size, gen, shuffle=True):
-        xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-        if augment:
-            xb = _augment(xb, gen)
-        logits = model(xb)
-        loss = loss_fn(logits, yb, xb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        total_loss += loss.item() * len(yb)
-        correct += int((logits.argmax(1) == yb).sum())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return total_loss / len(x), correct / len(x)
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def _generator(seed: int) -> torch.Generator:
-    """A CPU generator for shuffling and augmentation, plus the global seed for dropout/init."""
-    torch.manual_seed(seed)
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
-
-
 def _tensors(data: Dataset) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tensors of a dataset: free for a TensorDataset, else stacked once."""
+    """``(x, y)`` of a dataset for evaluation: free for a TensorDataset, else stacked once."""
     if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
-        x, y = data.tensors[0], data.tensors[1]
-    else:
-        n = len(data)  # type: ignore[arg-type]
-        if n == 0:
-            raise ValueError("empty dataset")
-        items = [data[i] for i in range(n)]
-        x = torch.stack([torch.as_tensor(it[0]) for it in items])
-        y = torch.as_tensor([int(it[1]) for it in items])
-    if len(x) == 0:
-        raise ValueError("empty dataset")
-    return x, y.long()
-
-
-def _batches(x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator, shuffle: bool):
-    order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
-    for i in range(0, len(x), batch_size):
-        idx = order[i : i + batch_size]
-        yield x[idx], y[idx]
+        return data.tensors[0], data.tensors[1]
+    xs, ys = zip(*(data[i] for i in range(len(data))))  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor([int(y) for y in ys])
 
 
 def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -353,10 +274,9 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return F.grid_sample(x - background, grid, align_corners=False) + background
 
 
-def _warmup_cosine(
-    opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup_steps = min(warmup_steps, max(1, total_steps // 5))
+def _warmup_cosine(steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """One epoch of linear warm-up (at most a fifth of the run), then cosine decay to zero."""
+    warmup_steps = min(steps_per_epoch, max(1, total_steps // 5))
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -364,21 +284,4 @@ def _warmup_cosine(
         t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def _make_optimizer(
-    params: list[nn.Parameter], name: str, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-        )
-    raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'sgd'")
-
-
-def _bar(total: int, desc: str, progress: bool | None) -> tqdm:
-    # Training bars only on a terminal: in a captured log every update would be a line.
-    return tqdm(total=total, desc=desc, leave=False, disable=progress is False or not sys.stderr.isatty())
+    return factor

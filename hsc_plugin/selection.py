@@ -1,0 +1,99 @@
+"""Recovery and choice: the compressed model is judged by what it outputs on the calibration data.
+
+Every candidate allocation (the compressor's own, and any others it asks for — HSC reproduces its
+baselines' allocations from the same statistics) is built into a copy of the model, recovered
+without labels (:mod:`hsc_plugin.recovery`: BatchNorm re-estimation, bias correction — each kept
+only where it lowers the error), and its output error against the uncompressed model on the
+calibration inputs is measured; the lowest wins. So a compressor that offers its baselines'
+allocations is never worse than them on the calibration data, by construction.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from hsc_plugin.allocation import Allocation
+
+if TYPE_CHECKING:
+    from hsc_plugin.compressors.base import Compressor
+    from hsc_plugin.pipeline import Prepared
+
+__all__ = ["Selected", "select"]
+
+
+@dataclass
+class Selected:
+    """The winning candidate: its allocation, the recovered model and how every candidate did."""
+
+    name: str
+    alloc: Allocation
+    model: nn.Module
+    error: float | None = None  # relative output error on the calibration data (None: no data)
+    recovery: dict[str, Any] | None = None
+    candidates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The new modules as they are in the chosen model (recovery may have replaced them)."""
+        return {n: self.model.get_submodule(n) for n in self.alloc.modules}
+
+
+def _install(work: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    from hsc_plugin.compressors.base import set_submodule
+
+    model = copy.deepcopy(work)
+    for n, m in modules.items():
+        set_submodule(model, n, m)
+    return model
+
+
+def _lossless(alloc: Allocation) -> bool:
+    """Every factorised layer at full rank: nothing to recover (and the model stays exact)."""
+    return all(p.discarded(r) <= 1e-12 for p, r in zip(alloc.plans, alloc.ranks))
+
+
+def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Allocation]) -> Selected:
+    """Build, recover and measure every candidate; keep the one with the lowest output error.
+
+    Without calibration data there is nothing to measure: the first candidate is built as it is.
+    The error is measured against the uncompressed model — with its BatchNorm statistics
+    re-estimated on the same calibration data when recovery re-estimates the compressed model's
+    (so BN re-estimation is judged by what the compression lost, not by how far the model's
+    training-time statistics are from the user's data).
+    """
+    from hsc_plugin.recovery import output_error, recover, reestimate_bn
+
+    names = list(allocations)
+    if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
+        alloc = allocations[names[0]]
+        return Selected(names[0], alloc, _install(prep.work, alloc.modules))
+    reference = prep.work
+    recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
+    if recovering and compressor.bn_reestimation:
+        reference = copy.deepcopy(prep.work)
+        if reestimate_bn(reference, prep.calib, batch_size=compressor.calib_batch_size) == 0:
+            reference = prep.work  # no BatchNorm: the uncompressed model as it is
+    best: Selected | None = None
+    scores: dict[str, float] = {}
+    for name in names:
+        alloc = allocations[name]
+        model = _install(prep.work, alloc.modules)
+        info: dict[str, Any] | None = None
+        if recovering and alloc.modules and not _lossless(alloc):
+            originals = {n: prep.infos[n].module for n in alloc.modules}
+            info = recover(reference, model, originals, prep.calib, bn=compressor.bn_reestimation,
+                           bias=compressor.bias_correction, refresh_reference=False,
+                           batch_size=compressor.calib_batch_size)
+            error = float(info["error_after"])
+        else:
+            error = output_error(reference, model, prep.calib, batch_size=compressor.calib_batch_size)
+        scores[name] = error
+        if best is None or error < best.error:  # type: ignore[operator]
+            best = Selected(name, alloc, model, error, info)
+    assert best is not None
+    best.candidates = scores
+    return best

@@ -1,0 +1,182 @@
+"""HSC as the hierarchy that contains its baselines (issue 12): block factorisers, regional expansion,
+forms competing under every budget, candidate allocations judged on the calibration data, recovery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hsc_plugin import Budget, compress, create_compressor
+from hsc_plugin.calibration import LayerInfo
+from hsc_plugin.compressors.hsc_statistics import CellStats
+from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
+from hsc_plugin.tiling import Tiling
+
+from conftest import SmallCNN
+from test_conv_grid import CONFIGS, _id, _make_conv
+from test_latency_budget import FakeDevice
+
+NO_RECOVERY = {"bn_reestimation": False, "bias_correction": False}
+
+
+def _spatial_cnn() -> nn.Module:
+    """3×3/5×5 convs only (Tucker-2 treats 1×1 convs and Linear layers as SVDs, HSC as blocks)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(24, 24, 3, padding=1, bias=False), nn.ReLU(),
+    ).eval()
+
+
+def _images(n: int = 16, size: int = 16) -> torch.Tensor:
+    """Inputs whose halves differ (regions then have something to gain)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g)
+    x[:, :, : size // 2] *= torch.tensor([3.0, 0.2, 1.0]).view(1, 3, 1, 1)
+    return x
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_tucker2_block_with_one_region_and_one_cluster_is_data_aware_tucker2(side: str) -> None:
+    model, x = _spatial_cnn(), _images()
+    common = {"rank": "fixed", "rank_ratio": 0.5, "progress": False, **NO_RECOVERY}
+    hsc = compress(model, "hsc", calib=x, partition="none", clusterer="single", block="tucker2", channel_side=side,
+                   alternatives=False, **common)
+    t2 = compress(model, "tucker2", calib=x, data_aware=True, **common)
+    a, b = hsc.model.state_dict(), t2.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for la, lb in zip(hsc.report.layers, t2.report.layers):
+        assert la.ranks == {"r0c0out": lb.ranks["out"], "r0c0in": lb.ranks["in"]} and la.module == lb.module
+        assert la.error == pytest.approx(lb.error, rel=1e-4, abs=1e-6)
+        assert la.predicted_error == pytest.approx(lb.predicted_error, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["groups"] == "1"][::3], ids=_id)
+def test_tucker2_blocks_are_exact_at_full_rank(cfg: dict, side: str) -> None:
+    torch.manual_seed(0)
+    model, x = _make_conv(cfg)
+    res = compress(model, "hsc", calib=x, rank="fixed", rank_ratio=1.0, dense_fallback=False, block="tucker2",
+                   channel_side=side, grid=(2, 2), n_clusters=3, min_region=2, progress=False)
+    assert res.report.layers[0].status == "factorised"
+    with torch.no_grad():
+        assert (res.model(x) - model(x)).abs().max().item() <= 1e-4
+
+
+def _cells(conv: nn.Conv2d, x: torch.Tensor, grid: tuple[int, int]) -> tuple[LayerInfo, CellStats]:
+    with torch.no_grad():
+        y = conv(x)
+        if conv.bias is not None:
+            y = y - conv.bias.view(1, -1, 1, 1)
+    info = LayerInfo("conv", conv, tuple(x.shape[1:]), tuple(y.shape[1:]))
+    cells = CellStats(conv.out_channels, grid, info.out_hw, "output", torch.device("cpu"))
+    cells.update(x, y)
+    return info, cells
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["groups"] == "1"], ids=_id)
+def test_regional_expansion_is_exact_at_full_rank(cfg: dict) -> None:
+    torch.manual_seed(0)
+    model, x = _make_conv(cfg)
+    conv = model[0]
+    info, cells = _cells(conv, x, (2, 2))
+    plan = RegionalSVDPlan(info, Tiling.uniform((2, 2), 2, 2), cells)
+    new = plan.build(plan.full_ranks())
+    with torch.no_grad():
+        assert (new(x) - conv(x)).abs().max().item() <= 1e-4
+    assert plan.predicted_error(plan.full_ranks()) == 0.0
+
+
+def test_regional_expansion_error_is_exact_and_beats_svd_at_equal_rank() -> None:
+    """Its predicted error is the measured calibration error (least squares is exact), it falls
+    with the rank, and at every rank it is at most one-region SVD's (same features, more maps)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = _images(32, 12).repeat(1, 3, 1, 1)[:, :8]
+    info, cells = _cells(conv, x, (2, 2))
+    plan = RegionalSVDPlan(info, Tiling.uniform((2, 2), 2, 2), cells)
+    from hsc_plugin.compressors.global_svd import SVDPlan
+
+    svd = SVDPlan(info, cells.S.sum(dim=(0, 1)))
+    with torch.no_grad():
+        ref = conv(x) - conv.bias.view(1, -1, 1, 1)
+        last = float("inf")
+        for k in (1, 2, 4, 8, 16):
+            err = ((plan.build([k])(x) - conv.bias.view(1, -1, 1, 1) - ref).norm() / ref.norm()).item()
+            assert err == pytest.approx(plan.predicted_error([k]), rel=1e-3, abs=1e-5)
+            assert plan.predicted_error([k]) <= svd.predicted_error([k]) + 1e-9
+            assert err <= last + 1e-6
+            last = err
+    assert plan.factorised_cost([4], "macs") == svd.factorised_cost([4], "macs")
+
+
+@pytest.mark.parametrize("budget", [Budget(3.0), Budget(2.5, metric="params"), Budget(1.3, metric="latency")],
+                         ids=["macs", "params", "latency"])
+@pytest.mark.parametrize("model_fn", [_spatial_cnn, lambda: SmallCNN().eval()], ids=["spatial", "small_cnn"])
+def test_hsc_calibration_error_is_at_most_each_baseline_s(budget: Budget, model_fn) -> None:
+    torch.manual_seed(0)
+    model, x = model_fn(), _images(16, 24)
+    opts = {"calib": x, "budget": budget, "progress": False}
+    if budget.metric == "latency":
+        opts["cost_model"] = FakeDevice()
+    hsc = compress(model, "hsc", **opts)
+    assert hsc.report.budget_met and hsc.report.calibration_error is not None
+    for method in ("global_svd", "tucker2"):
+        if budget.metric == "latency":
+            opts["cost_model"] = FakeDevice()
+        base = compress(model, method, data_aware=True, **opts)
+        assert hsc.report.calibration_error <= base.report.calibration_error * (1 + 1e-4) + 1e-7, (
+            method, hsc.report.candidates, base.report.calibration_error)
+    assert set(hsc.report.candidates) >= {"hsc", "global_svd (data-aware)", "tucker2 (data-aware)"}
+    assert hsc.report.calibration_error == min(hsc.report.candidates.values())
+
+
+@pytest.mark.parametrize("method,options", [("hsc", {}), ("global_svd", {"data_aware": True}),
+                                            ("tucker2", {"data_aware": True}), ("hsc", {"channel_side": "output"})])
+def test_recovery_never_increases_calibration_error(method: str, options: dict) -> None:
+    model = SmallCNN().eval()
+    torch.manual_seed(1)
+    x = _images(16, 24)
+    res = compress(model, method, calib=x, budget=Budget(4.0), bias_correction=True, progress=False, **options)
+    rec = res.report.recovery
+    assert rec is not None and rec["steps"]
+    assert rec["error_after"] <= rec["error_before"] + 1e-12
+    for step in rec["steps"]:
+        if step["applied"]:
+            assert step["error_after"] <= step["error_before"]
+
+
+def test_forms_compete_under_a_mac_budget_and_the_report_names_them() -> None:
+    model, x = _spatial_cnn(), _images(16, 24)
+    res = compress(model, "hsc", calib=x, budget=Budget(3.0), progress=False, baselines=())
+    forms = [L.details.get("form") for L in res.report.layers if L.status == "factorised"]
+    assert forms and all(forms)
+    table = res.report.table()
+    assert all(f[:24] in table for f in forms)
+    fixed = compress(model, "hsc", calib=x, budget=Budget(3.0), progress=False, alternatives=False)
+    assert all(L.details.get("form", "").startswith("4 regions") for L in fixed.report.layers
+               if L.status == "factorised")
+
+
+def test_one_compressor_object_is_reentrant() -> None:
+    """Two compressions with different budgets through one object give what two fresh objects give."""
+    model, x = _spatial_cnn(), _images(12, 16)
+    shared = create_compressor("hsc", progress=False)
+    a1 = shared.compress(model, x, budget=Budget(3.0))
+    b1 = shared.compress(model, x, budget=Budget(2.0, metric="params"))
+    a2 = create_compressor("hsc", progress=False).compress(model, x, budget=Budget(3.0))
+    b2 = create_compressor("hsc", progress=False).compress(model, x, budget=Budget(2.0, metric="params"))
+    for r1, r2 in ((a1, a2), (b1, b2)):
+        s1, s2 = r1.model.state_dict(), r2.model.state_dict()
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+        d1, d2 = r1.report.to_dict(), r2.report.to_dict()
+        for d in (d1, d2):
+            d.pop("seconds")
+            d["recovery"] = None if d["recovery"] is None else {k: v for k, v in d["recovery"].items() if k != "seconds"}
+            if d["recovery"]:
+                d["recovery"]["steps"] = [{k: v for k, v in s.items() if k != "seconds"} for s in d["recovery"]["steps"]]
+        assert d1 == d2
