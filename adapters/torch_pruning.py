@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.compressors.base import set_submodule
-from hsc_plugin.costs import measure_costs
+from hsc_plugin.cost.macs import measure_costs
 from hsc_plugin.modules import TYPES, FactorisedModule, RegionalExpansionConv2d, RegionBlock, SpatioChannelConv2d
 from hsc_plugin.report import Report
 

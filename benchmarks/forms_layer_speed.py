@@ -30,7 +30,7 @@ from torch import nn
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import measure_costs
-from hsc_plugin.latency import measure_interleaved, speedup_text
+from hsc_plugin.cost.timing import measure_interleaved, speedup_text
 from hsc_plugin.modules import (LowRankConv2d, RegionalExpansionConv2d, SpatioChannelConv2d, Tucker2Conv2d,
                                 conv_geometry)
 from hsc_plugin.mri import alexnet_mri

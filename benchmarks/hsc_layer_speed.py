@@ -34,7 +34,7 @@ from torch import nn
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, compress, measure_costs
-from hsc_plugin.latency import measure_interleaved, speedup_text
+from hsc_plugin.cost.timing import measure_interleaved, speedup_text
 from hsc_plugin.mri import alexnet_mri
 from hsc_plugin.mri.report import machine_description
 

@@ -28,7 +28,7 @@ import torch
 
 from _common import checkpoint_model_and_data, emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
-from hsc_plugin.latency import measure_interleaved, speedup_text
+from hsc_plugin.cost.timing import measure_interleaved, speedup_text
 from hsc_plugin.mri.experiment import evaluate_model
 from hsc_plugin.mri.report import machine_description
 

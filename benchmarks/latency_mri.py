@@ -17,7 +17,7 @@ import torch
 
 from _common import emit  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import load, measure_costs
-from hsc_plugin.latency import measure_interleaved, speedup_text
+from hsc_plugin.cost.timing import measure_interleaved, speedup_text
 from hsc_plugin.mri import alexnet_mri, paper_recipe
 from hsc_plugin.mri.report import machine_description
 

@@ -97,7 +97,7 @@ def main() -> None:
     ort_ok = not args.no_ort
     if ort_ok:
         try:
-            from hsc_plugin.ort_timing import ort_latency_ms
+            from hsc_plugin.cost.ort import ort_latency_ms
         except ImportError:
             ort_ok = False
     cache: dict[tuple, nn.Module | str] = {}

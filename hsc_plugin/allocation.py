@@ -1,6 +1,6 @@
 """Spending the budget: which form each layer takes and at which ranks, and building the modules.
 
-The layers' forms compete for the budget (:func:`hsc_plugin.forms.choose_forms`), the rank
+The layers' forms compete for the budget (:func:`hsc_plugin.form_choice.choose_forms`), the rank
 selector then shares it among the chosen forms' blocks, and the factorised modules are built. With
 ``latency_guard`` every built module is timed against its dense layer and the slower ones are kept
 dense, after which the budget is re-allocated to the others (a few rounds at most).
@@ -17,10 +17,10 @@ from torch import nn
 
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import LayerInfo
-from hsc_plugin.costs import ModelCost, count_params
-from hsc_plugin.forms import choose_forms
+from hsc_plugin.cost.macs import ModelCost, count_params
+from hsc_plugin.form_choice import choose_forms
 from hsc_plugin.plan import LayerPlan, PlanContext, RankProblem
-from hsc_plugin.plan_timing import measured_slower
+from hsc_plugin.cost.plan_timing import measured_slower
 
 if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
@@ -113,7 +113,7 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
              latency: dict[str, Any] | None, selector: Any = None, objective: str = "sum") -> Allocation:
     """Choose forms and ranks for the budget and build the modules (see the module docstring);
     ``selector`` overrides the call's rank selector, ``objective`` is the form choice's
-    (:func:`hsc_plugin.forms.choose_forms`)."""
+    (:func:`hsc_plugin.form_choice.choose_forms`)."""
     selector = selector if selector is not None else prep.selector
     plans = [forms[0] for forms in candidates]
     if not plans:

@@ -1,7 +1,7 @@
 """The one greedy engine: take, again and again, the move that removes the most error per unit of cost.
 
 Rank selection (``strategies/rank.py``: one more component of one block), a form's error-vs-cost
-path and the choice of forms (``hsc_plugin.forms``: one more step along a layer's envelope) are all
+path and the choice of forms (``hsc_plugin.form_choice``: one more step along a layer's envelope) are all
 this loop; they differ only in what an item's next move is and when it fits.
 """
 

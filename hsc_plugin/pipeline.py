@@ -6,7 +6,7 @@
    the dense costs, decide the call's :class:`~hsc_plugin.plan.PlanContext`;
 2. :func:`calibrate_and_plan` — per group of layers whose statistics fit in memory: the
    calibration pass(es), then the compressor's plan (alternative forms) for each layer;
-3. :func:`hsc_plugin.plan_timing.time_plans` — latency budgets only: every form timed on the device;
+3. :func:`hsc_plugin.cost.plan_timing.time_plans` — latency budgets only: every form timed on the device;
 4. :func:`allocations` — forms chosen and ranks selected against the budget, modules built
    (:func:`hsc_plugin.allocation.allocate`, re-allocating around layers the latency guard measured
    slower); also any other allocation the compressor asks to be compared with (HSC: its baselines');
@@ -35,10 +35,10 @@ from hsc_plugin.allocation import Allocation, allocate, restrict, statistics_gro
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
     run_calibration, trace_layers
-from hsc_plugin.cost_model import LatencyCostModel
-from hsc_plugin.costs import ModelCost, count_params, measure_costs
+from hsc_plugin.cost.latency_model import LatencyCostModel
+from hsc_plugin.cost.macs import ModelCost, count_params, measure_costs
 from hsc_plugin.plan import LayerPlan, PlanContext, planning
-from hsc_plugin.plan_timing import time_plans
+from hsc_plugin.cost.plan_timing import time_plans
 from hsc_plugin.registry import create
 from hsc_plugin.selection import Selected, select
 from hsc_plugin.report import CompressionResult, LayerReport, build_report, check_budget, layer_report

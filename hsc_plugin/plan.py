@@ -114,7 +114,7 @@ class LayerPlan(ABC):
         # function of the ranks, attached by the pipeline's timing stage.
         self.measured_costs: dict[str, Callable[[list[int]], float]] = {}
         self.note = note  # shown in the report (e.g. "Tucker-2 reduces to an SVD here")
-        self.form = form  # which of a layer's alternative forms this is (see hsc_plugin.forms)
+        self.form = form  # which of a layer's alternative forms this is (see hsc_plugin.form_choice)
 
     family: str = ""  # the kind of factorisation ("svd", "tucker2", "hsc" …), for allocations restricted to one
 

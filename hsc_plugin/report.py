@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from hsc_plugin.allocation import Allocation
     from hsc_plugin.budget import Budget
     from hsc_plugin.compressors.base import Compressor
-    from hsc_plugin.costs import ModelCost
+    from hsc_plugin.cost.macs import ModelCost
     from hsc_plugin.pipeline import Prepared
     from hsc_plugin.selection import Selected
 
@@ -152,7 +152,7 @@ class CompressionResult:
 
 def layer_report(name: str, module: nn.Module, status: str, reason: str, macs: int) -> LayerReport:
     """The report of a layer left as it is (skipped or kept dense): before equals after."""
-    from hsc_plugin.costs import count_params
+    from hsc_plugin.cost.macs import count_params
 
     params = count_params(module)
     return LayerReport(name=name, type=type(module).__name__, status=status, reason=reason,
@@ -162,7 +162,7 @@ def layer_report(name: str, module: nn.Module, status: str, reason: str, macs: i
 def _factorised_report(plan: Any, ranks: list[int], alloc: "Allocation", modules: dict[str, nn.Module],
                        errors: dict[str, float], after: "ModelCost") -> LayerReport:
     """The report of a planned layer: its ranks, form, errors and costs after."""
-    from hsc_plugin.costs import count_params
+    from hsc_plugin.cost.macs import count_params
 
     dense = plan.is_dense(ranks)
     reason = ("factorising at the selected rank would not save cost" if dense
@@ -208,7 +208,7 @@ def build_report(compressor: "Compressor", prep: "Prepared", chosen: "Selected",
                  after: "ModelCost", n_samples: int, latency: dict[str, Any] | None) -> Report:
     """The whole report: every targeted layer in model order, costs before and after, the budget,
     the calibration error and which candidate allocation was chosen."""
-    from hsc_plugin.plan_timing import points
+    from hsc_plugin.cost.plan_timing import points
 
     alloc, modules = chosen.alloc, chosen.modules
     reports = dict(prep.reports)

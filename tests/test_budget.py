@@ -13,7 +13,7 @@ timm = pytest.importorskip("timm")
 
 
 def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> float:
-    """MACs per sample straight from FlopCounterMode (independent of hsc_plugin.costs)."""
+    """MACs per sample straight from FlopCounterMode (independent of hsc_plugin.cost.macs)."""
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
     return fc.get_total_flops() / 2 / x.shape[0]

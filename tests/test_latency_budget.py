@@ -200,7 +200,7 @@ def test_choose_forms_follows_the_budget() -> None:
     """Two forms of one layer: A is cheap but plateaus at a high error, B costs a fixed overhead
     but reaches a lower error. A tight budget must take A, a loose one B."""
     from hsc_plugin.calibration import LayerInfo
-    from hsc_plugin.forms import choose_forms, frontier
+    from hsc_plugin.form_choice import choose_forms, frontier
     from hsc_plugin.plan import LayerPlan, RankBlock
 
     class Toy(LayerPlan):

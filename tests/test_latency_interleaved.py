@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hsc_plugin.latency import measure_interleaved, speedup_text
+from hsc_plugin.cost.timing import measure_interleaved, speedup_text
 
 
 class _FakeClock:

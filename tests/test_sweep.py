@@ -229,7 +229,7 @@ def test_run_trial_in_process_measures_the_compressed_model(tiny_checkpoint: Pat
 
     src = ModelSource(str(bundled_sample_path()), str(tiny_checkpoint), 32, 0.25)
     row = run_trial({"method": {"_name": "tucker2"}, "ratio": 3.0}, src, n_calib=16, latency=True, n_boot=50)
-    from hsc_plugin.costs import measure_costs
+    from hsc_plugin.cost.macs import measure_costs
     from hsc_plugin.mri import alexnet_mri
 
     base = measure_costs(alexnet_mri(width=0.25, input_size=32), torch.zeros(1, 1, 32, 32)).macs

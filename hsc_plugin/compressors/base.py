@@ -24,7 +24,7 @@ from torch import nn
 from hsc_plugin.allocation import CandidateAllocation
 from hsc_plugin.budget import Budget
 from hsc_plugin.calibration import Accumulator, LayerInfo
-from hsc_plugin.cost_model import LatencyCostModel
+from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.plan import LayerPlan, PlanContext
 from hsc_plugin.registry import create
 from hsc_plugin.report import CompressionResult
@@ -62,7 +62,7 @@ class Compressor(ABC):
       the others — fewer MACs are worth nothing where the kernels do not realise them.
     * ``max_stats_gb``: calibration statistics of layers are gathered in groups that fit in this
       many GiB (one calibration pass per group, freed once planned); ``None``: all at once.
-    * ``cost_model``: the :class:`~hsc_plugin.cost_model.LatencyCostModel` used by latency budgets
+    * ``cost_model``: the :class:`~hsc_plugin.cost.latency_model.LatencyCostModel` used by latency budgets
       (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
       ``latency_batch`` on the model's device.
     * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
@@ -149,7 +149,7 @@ class Compressor(ABC):
         """How to factorise the layer, or a string saying why it is left as it is.
 
         A list offers alternative forms, preferred first (e.g. HSC's regions, one region, SVD):
-        they compete per layer for the budget (:func:`hsc_plugin.forms.choose_forms`)."""
+        they compete per layer for the budget (:func:`hsc_plugin.form_choice.choose_forms`)."""
 
     def recovers(self) -> bool:
         """Whether any label-free recovery step is on (it needs calibration data)."""

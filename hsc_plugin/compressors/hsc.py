@@ -55,7 +55,7 @@ class HSC(Compressor):
     ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions) and
     ``alternatives``: under a latency budget, also offer each layer as one region (same kind of
     clusters) and as plain data-aware SVD, and let measured time choose per layer
-    (:mod:`hsc_plugin.forms`) — regions buy accuracy but cost launches, so a layer is split only
+    (:mod:`hsc_plugin.form_choice`) — regions buy accuracy but cost launches, so a layer is split only
     where that pays at the budget. MAC and parameter budgets always use the partitioner's form.
     Grouped convs and Linear layers are compressed as one region, one cluster (data-aware SVD).
     Strategy options are forwarded by name: a partitioner that takes ``min_region`` (or ``grid``)

@@ -19,8 +19,8 @@ from torch.utils.data import TensorDataset
 
 from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
-from hsc_plugin.costs import measure_costs
-from hsc_plugin.latency import measure_interleaved
+from hsc_plugin.cost.macs import measure_costs
+from hsc_plugin.cost.timing import measure_interleaved
 from hsc_plugin.mri.data import CLASSES
 from hsc_plugin.mri.metrics import bootstrap_se, classification_metrics
 from hsc_plugin.mri.report import speedup_cell

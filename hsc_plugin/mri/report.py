@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hsc_plugin.latency import speedup_text
+from hsc_plugin.cost.timing import speedup_text
 
 __all__ = ["markdown_table", "text_table", "pareto_front", "plot_pareto", "save_json", "machine_description",
            "results_markdown", "speedup_cell"]

@@ -87,14 +87,14 @@ def _measure(model: Any, test: Any, latency: bool, n_boot: int, seed: int, dense
     interleaved (dense, model, dense, ...) and the row keeps the dense time it is compared with."""
     import torch
 
-    from hsc_plugin.costs import measure_costs
+    from hsc_plugin.cost.macs import measure_costs
     from hsc_plugin.mri.experiment import evaluate_model
 
     shape = tuple(test.tensors[0].shape[1:])
     cost = measure_costs(model, torch.zeros(1, *shape))
     row: dict[str, Any] = {"macs": cost.macs, "params": cost.params}
     if latency:
-        from hsc_plugin.latency import measure_interleaved
+        from hsc_plugin.cost.timing import measure_interleaved
 
         models = {"model": model} if dense is None else {"dense": dense, "model": model}
         t = measure_interleaved(models, shape, batch=1, runs=20, warmup=5, threads=torch.get_num_threads())

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from hsc_plugin.budget import BudgetError
 from hsc_plugin.calibration import LayerInfo, progress_enabled
-from hsc_plugin.cost_model import LatencyCostModel
-from hsc_plugin.latency import measure_latency
+from hsc_plugin.cost.latency_model import LatencyCostModel
+from hsc_plugin.cost.timing import measure_latency
 from hsc_plugin.plan import LayerPlan
 from hsc_plugin.report import LayerReport, layer_report
 

@@ -64,11 +64,11 @@ class LatencyCostModel:
     def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
         if self.runtime == "onnxruntime":
-            from hsc_plugin.ort_timing import ort_latency_ms
+            from hsc_plugin.cost.ort import ort_latency_ms
 
             return ort_latency_ms(module, tuple(input_shape), batch=self.batch, runs=self.runs,
                                   warmup=self.warmup, threads=self.threads)
-        from hsc_plugin.latency import measure_latency
+        from hsc_plugin.cost.timing import measure_latency
 
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
                                threads=self.threads, channels_last=self.channels_last)["median_ms"]
