@@ -195,7 +195,7 @@ def add_commands(sub: Any) -> None:
     r = sub.add_parser("reproduce", help="the paper's experiment on the full brain-MRI data")
     r.add_argument("--data", help="data folder, e.g. ../shared/data/brain-mri-128 (required unless --measure-latency)")
     r.add_argument("--out-dir", default="benchmarks/results")
-    r.add_argument("--ratios", type=float, nargs="+", default=[3.0, 6.0])
+    r.add_argument("--ratios", type=float, nargs="+", default=[3.0, 6.0, 10.0])
     r.add_argument("--finetune-epochs", type=int, default=2)
     r.add_argument("--finetune-lr", type=float, default=1e-3)
     r.add_argument("--finetune-optimizer", default="sgd", choices=["sgd", "adamw"])
