@@ -365,10 +365,7 @@ class LowRankPruner:
             example_inputs = example_inputs[0]
         if not isinstance(example_inputs, torch.Tensor):
             raise TypeError(f"example_inputs must be a tensor, got {type(example_inputs).__name__}")
-        self.model = model
-        self.example_inputs = example_inputs
-        self.method = method
-        self.budget = budget
+        self.model, self.example_inputs, self.method, self.budget = model, example_inputs, method, budget
         self.calib = calib
         self.iterative_steps = int(iterative_steps)
         self.targets = targets

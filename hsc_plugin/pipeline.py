@@ -119,9 +119,9 @@ def prepare(compressor: "Compressor", model: nn.Module, calib: Any, targets: Tar
     names, skipped = resolve_targets(work, targets, exclude, compressor.supported_types)
     if not names:
         raise ValueError("No layer to compress: no Conv2d/Linear layer matches the targets")
+    traced = trace_layers(work, names, example)  # first: a model that cannot run the input fails here, clearly
     before = measure_costs(work, example)
-    infos = {n: replace(i, macs=before.module_macs.get(n, 0), params=count_params(i.module))
-             for n, i in trace_layers(work, names, example).items()}
+    infos = {n: replace(i, macs=before.module_macs.get(n, 0), params=count_params(i.module)) for n, i in traced.items()}
     modules = dict(work.named_modules())
     reports = {n: layer_report(n, modules[n], "skipped", reason, before.module_macs.get(n, 0))
                for n, reason in skipped.items()}

@@ -237,8 +237,8 @@ def _check_originals(model: nn.Module, originals: Mapping[str, nn.Module], *,
         if name not in mods:
             raise ValueError(f"originals names {name!r}, which is not a module of the model")
         m = mods[name]
-        if biased and (not isinstance(m, FactorisedModule)
-                       or type(m).add_output_bias is FactorisedModule.add_output_bias):
+        if biased and (not isinstance(m, FactorisedModule) or (m._output_layer() is None and
+                       type(m).add_output_bias is FactorisedModule.add_output_bias)):
             raise TypeError(f"Module {name!r} ({type(m).__name__}) is not a factorised module that "
                             "implements add_output_bias")
         out[name] = m

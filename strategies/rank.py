@@ -19,6 +19,12 @@ from hsc_plugin.strategy import RankSelector
 __all__ = ["EnergySelector", "FixedSelector", "BudgetSelector", "ScaledSelector", "VBMFSelector", "greedy_fill"]
 
 
+def _fraction(name: str, value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
 class EnergySelector(RankSelector):
     """Per block, the smallest rank keeping a fraction ``energy`` (τ) of the block's energy.
 
@@ -30,9 +36,7 @@ class EnergySelector(RankSelector):
     name = "energy"
 
     def __init__(self, energy: float = 0.95) -> None:
-        if not 0.0 < energy <= 1.0:
-            raise ValueError(f"energy (τ) must be in (0, 1], got {energy!r}")
-        self.energy = float(energy)
+        self.energy = _fraction("energy (τ)", energy)
 
     def select(self, problem: RankProblem) -> list[list[int]]:
         out = []
@@ -55,9 +59,7 @@ class FixedSelector(RankSelector):
     name = "fixed"
 
     def __init__(self, rank_ratio: float = 0.5) -> None:
-        if not 0.0 < rank_ratio <= 1.0:
-            raise ValueError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
-        self.rank_ratio = float(rank_ratio)
+        self.rank_ratio = _fraction("rank_ratio", rank_ratio)
 
     def select(self, problem: RankProblem) -> list[list[int]]:
         return [[b.round(math.ceil(self.rank_ratio * b.max_rank)) for b in p.blocks] for p in problem.plans]

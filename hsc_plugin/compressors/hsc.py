@@ -87,10 +87,7 @@ class HSC(Compressor):
         self.balanced = bool(balanced)
         if channel_side not in ("input", "output"):
             raise ValueError(f"channel_side must be 'input' or 'output', got {channel_side!r}")
-        self.partition = partition
-        self.grid = grid
-        self.clusterer = clusterer
-        self.n_clusters = n_clusters
+        self.partition, self.grid, self.clusterer, self.n_clusters = partition, grid, clusterer, n_clusters
         self.channel_side = channel_side
         self.cells = None if cells is None else (cells, cells) if isinstance(cells, int) else tuple(cells)
         self.min_region = int(min_region)

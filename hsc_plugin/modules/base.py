@@ -57,6 +57,7 @@ class FactorisedModule:
 
     speedup_incompatible: ClassVar[str | None] = None
     tp_one_op: ClassVar[bool] = False
+    output_layer: ClassVar[str | None] = None  # a chain's last factor: it takes biases and folded BNs
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -85,7 +86,24 @@ class FactorisedModule:
     def add_output_bias(self, delta: torch.Tensor) -> None:
         """Add ``delta`` to the module's output: ``(C_out,)`` everywhere, or ``(n_regions, C_out)``
         one row per box of :meth:`output_bias_regions`."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement add_output_bias")
+        last = self._output_layer()
+        if last is None:
+            raise NotImplementedError(f"{type(self).__name__} does not implement add_output_bias")
+        add_bias(last, region_deltas(delta, 1, last.weight.shape[0])[0])
+
+    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+        """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded
+        BatchNorm); False, leaving the module as it was, where the type cannot."""
+        last = self._output_layer()
+        if not isinstance(last, nn.Conv2d) or scale.numel() != last.out_channels:
+            return False
+        fold_affine(last, scale, shift)
+        return True
+
+    def _output_layer(self) -> nn.Module | None:
+        """The one child that produces the whole output (``output_layer`` names it), if any."""
+        name = getattr(type(self), "output_layer", None)
+        return getattr(self, name) if name else None
 
 
 def region_deltas(delta: torch.Tensor, n_regions: int, channels: int) -> torch.Tensor:
@@ -107,11 +125,6 @@ def add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
         layer.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype),
                                   requires_grad=w.requires_grad)
     layer.bias.add_(delta.to(layer.bias))
-
-    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-        """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded
-        BatchNorm); False, leaving the module as it was, where the type cannot."""
-        return False
 
 
 @torch.no_grad()

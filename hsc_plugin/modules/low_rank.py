@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
-                                     fold_affine, region_deltas)
+from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv
 
 __all__ = ["LowRankConv2d", "LowRankLinear"]
 
@@ -28,18 +27,11 @@ class LowRankConv2d(FactorisedModule, nn.Sequential):
     rank in every group so that it stays one grouped conv.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        rank: int,
-        geometry: dict[str, Any],
-        *,
-        groups: int = 1,
-        bias: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    output_layer = "expand"
+
+    def __init__(self, in_channels: int, out_channels: int, rank: int, geometry: dict[str, Any], *,
+                 groups: int = 1, bias: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         kw = {"device": device, "dtype": dtype}
         super().__init__(
             OrderedDict(
@@ -68,29 +60,16 @@ class LowRankConv2d(FactorisedModule, nn.Sequential):
     def to_dense(self) -> nn.Module:
         return dense_conv([self.reduce, self.expand], self.reduce, "or,rikl->oikl").train(self.training)
 
-    def add_output_bias(self, delta: torch.Tensor) -> None:
-        add_bias(self.expand, region_deltas(delta, 1, self.expand.out_channels)[0])
 
-    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-        if scale.numel() != self.expand.out_channels:
-            return False
-        fold_affine(self.expand, scale, shift)
-        return True
 
 
 class LowRankLinear(FactorisedModule, nn.Sequential):
     """``in → rank`` (no bias) then ``rank → out`` (with the bias): a truncated SVD of a Linear."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        *,
-        bias: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    output_layer = "expand"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         kw = {"device": device, "dtype": dtype}
         super().__init__(
             OrderedDict(
@@ -122,5 +101,3 @@ class LowRankLinear(FactorisedModule, nn.Sequential):
             d.bias.copy_(e.bias)
         return d.train(self.training)
 
-    def add_output_bias(self, delta: torch.Tensor) -> None:
-        add_bias(self.expand, region_deltas(delta, 1, self.expand.out_features)[0])

@@ -42,20 +42,9 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
     )
     tp_one_op = True  # tp would read the spatial crops and concatenations as channel maps
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        geometry: dict[str, Any],
-        tiling: Tiling,
-        rank: int,
-        *,
-        base: str = "svd",
-        rank_in: int | None = None,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, geometry: dict[str, Any], tiling: Tiling,
+                 rank: int, *, base: str = "svd", rank_in: int | None = None, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
         super().__init__()
         if base not in _BASES:
             raise ValueError(f"base must be one of {_BASES}, got {base!r}")

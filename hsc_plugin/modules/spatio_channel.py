@@ -37,21 +37,9 @@ class RegionBlock(nn.Module):
 
     speedup_incompatible = "a block of an HSC module (see SpatioChannelConv2d)"
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        geometry: dict[str, Any],
-        side: str,
-        clusters: list[list[int]],
-        ranks: list[int],
-        bias: bool,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        block: str = "svd",
-        ranks_in: list[int] | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, geometry: dict[str, Any], side: str,
+                 clusters: list[list[int]], ranks: list[int], bias: bool, device: Any = None,
+                 dtype: Any = None, *, block: str = "svd", ranks_in: list[int] | None = None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         geo = dict(geometry)
@@ -286,22 +274,10 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     )
     tp_one_op = True  # tp would read the per-cluster gathers, crops and concatenations as channel maps
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        geometry: dict[str, Any],
-        tiling: Tiling,
-        side: str,
-        region_clusters: list[list[list[int]]],
-        region_ranks: list[list[int]],
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-        *,
-        block: str = "svd",
-        region_ranks_in: list[list[int]] | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, geometry: dict[str, Any], tiling: Tiling,
+                 side: str, region_clusters: list[list[list[int]]], region_ranks: list[list[int]],
+                 bias: bool = True, device: Any = None, dtype: Any = None, *, block: str = "svd",
+                 region_ranks_in: list[list[int]] | None = None) -> None:
         super().__init__()
         if region_ranks_in is not None and len(region_ranks_in) != len(region_ranks):
             raise ValueError(f"{len(region_ranks)} regions but {len(region_ranks_in)} lists of input ranks")

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, dense_conv,
-                                     fold_affine, region_deltas)
+from hsc_plugin.modules.base import FactorisedModule, as_conv_kwargs, conv_geometry, dense_conv
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -20,19 +19,11 @@ class Tucker2Conv2d(FactorisedModule, nn.Sequential):
     For a grouped conv every factor is grouped the same way (a Tucker-2 per group).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        rank_in: int,
-        rank_out: int,
-        geometry: dict[str, Any],
-        *,
-        groups: int = 1,
-        bias: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    output_layer = "last"
+
+    def __init__(self, in_channels: int, out_channels: int, rank_in: int, rank_out: int,
+                 geometry: dict[str, Any], *, groups: int = 1, bias: bool = True,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         kw = {"device": device, "dtype": dtype}
         super().__init__(
             OrderedDict(
@@ -64,11 +55,4 @@ class Tucker2Conv2d(FactorisedModule, nn.Sequential):
         convs = [self.first, self.core, self.last]
         return dense_conv(convs, self.core, "ob,bakl,ai->oikl").train(self.training)
 
-    def add_output_bias(self, delta: torch.Tensor) -> None:
-        add_bias(self.last, region_deltas(delta, 1, self.last.out_channels)[0])
 
-    def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
-        if scale.numel() != self.last.out_channels:
-            return False
-        fold_affine(self.last, scale, shift)
-        return True
