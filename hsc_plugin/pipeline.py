@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,7 @@ from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
     run_calibration, trace_layers
 from hsc_plugin.cost.latency_model import LatencyCostModel
+from hsc_plugin.decomposition import DecompositionWarning
 from hsc_plugin.cost.macs import ModelCost, count_params, measure_costs
 from hsc_plugin.plan import LayerPlan, PlanContext, planning
 from hsc_plugin.cost.plan_timing import time_plans
@@ -67,6 +71,7 @@ class Prepared:
     before: ModelCost
     live: list[str]  # targets that can be planned (executed once per forward)
     reports: dict[str, LayerReport] = field(default_factory=dict)  # layers left as they are, and why
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per layer: decompositions that needed a fallback
 
     @property
     def target_names(self) -> list[str]:
@@ -192,13 +197,29 @@ def calibrate_and_plan(compressor: "Compressor", prep: Prepared) -> tuple[list[l
         n_samples = seen or n_samples
         for n in group:
             bar.update(1)
-            forms = _plan_layer(compressor, prep, prep.infos[n], call_hook(compressor.plan, prep.infos[n],
-                                                                            stats.pop(n), context=ctx))
+            with _decomposition_notes(prep, n):
+                result = call_hook(compressor.plan, prep.infos[n], stats.pop(n), context=ctx)
+            forms = _plan_layer(compressor, prep, prep.infos[n], result)
             if forms:
                 candidates.append(forms)
         del stats
     bar.close()
     return candidates, n_samples
+
+
+@contextmanager
+def _decomposition_notes(prep: Prepared, name: str) -> Iterator[None]:
+    """Eigen/SVD fallbacks while planning a layer: recorded for its report and warned once, by name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DecompositionWarning)
+        yield
+    notes = sorted({str(w.message) for w in caught if issubclass(w.category, DecompositionWarning)})
+    for w in caught:
+        if not issubclass(w.category, DecompositionWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if notes:
+        prep.notes[name] = notes
+        warnings.warn(f"layer {name!r}: {'; '.join(notes)}", DecompositionWarning, stacklevel=2)
 
 
 def _calibrate(compressor: "Compressor", prep: Prepared, group: list[str], ctx: PlanContext,

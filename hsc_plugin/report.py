@@ -220,6 +220,9 @@ def build_report(compressor: "Compressor", prep: "Prepared", chosen: "Selected",
             entry = latency["layers"].get(p.name)
             if entry is not None and "forms" in entry:
                 entry["form"], entry["curve_macs_ms"] = p.form, points(p)
+    for n, notes in prep.notes.items():
+        if n in reports:
+            reports[n].details["decomposition"] = notes
     order = {n: i for i, (n, _) in enumerate(prep.model.named_modules())}
     report = Report(
         method=compressor.name, options=compressor.options(),

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from hsc_plugin.decomposition import sqrtm_psd, tucker2
+from hsc_plugin.decomposition import sq_singular_values, sqrtm_psd, tucker2
 from hsc_plugin.plan import RankBlock
 from hsc_plugin.registry import hookimpl
 from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors
@@ -23,12 +23,6 @@ __all__ = ["SVDBlock", "Tucker2Block", "SVDFactors", "Tucker2Factors"]
 
 def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
-
-
-def _sq_singular_values(A: torch.Tensor) -> torch.Tensor:
-    """``svdvals(A) ** 2`` (descending) from the eigenvalues of the smaller Gram matrix."""
-    G = A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A
-    return torch.linalg.eigvalsh(G.double()).flip(0).clamp_min(0.0)
 
 
 class SVDFactors(BlockFactors):
@@ -66,9 +60,9 @@ class Tucker2Factors(BlockFactors):
         e_out = block.output.eig()[0]  # as the Tucker-2 compressor takes them (rrr_basis)
         if self.S_in is not None:
             root, _ = sqrtm_psd(self.S_in)
-            e_in = _sq_singular_values(root @ _unfold(W, 1))
+            e_in = sq_singular_values(root @ _unfold(W, 1))
         else:
-            e_in = _sq_singular_values(_unfold(W, 1))
+            e_in = sq_singular_values(_unfold(W, 1))
         e_out, e_in = e_out[: min(W.shape[0], W.shape[1] * kk)], e_in[: min(W.shape[1], W.shape[0] * kk)]
         self.energy = float(e_out.sum())  # the block's output energy (what "retained" is a share of)
         super().__init__([RankBlock(e_out.cpu().numpy(), label=f"{block.label}out", min_rank=0),

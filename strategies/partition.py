@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from hsc_plugin.decomposition import sym_eig_desc
 from hsc_plugin.registry import hookimpl
 from hsc_plugin.tiling import Tiling, edge
 from hsc_plugin.strategy import SpatialPartitioner
@@ -60,7 +61,7 @@ class GridPartitioner(SpatialPartitioner):
 
 
 def _tail(S: torch.Tensor, k: int) -> float:
-    ev = torch.linalg.eigvalsh(S).flip(0).clamp_min(0)
+    ev = sym_eig_desc(S)[0]
     return float(ev[k:].sum())
 
 
