@@ -81,6 +81,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from hsc_plugin.adapters.nni_evaluator import evaluator_batches as _evaluator_batches
 from hsc_plugin.adapters.nni_evaluator import finetune
+from hsc_plugin.adapters.nni_evaluator import finetune as _finetune  # compress() has an argument named finetune
 from hsc_plugin.api import compress as _compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.calibration import CalibrationError
@@ -345,7 +346,7 @@ class LowRankCompressor(_NNICompressor):
         report = self.stage_reports[0] if len(self.stage_reports) == 1 else _merge(self.stage_reports)
         if do_ft:
             assert self.evaluator is not None
-            finetune(model, self.evaluator, max_steps, max_epochs)
+            _finetune(model, self.evaluator, max_steps, max_epochs)
         return model, report
 
 
