@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
     from hsc_plugin.pipeline import Prepared
 
-__all__ = ["Allocation", "CandidateAllocation", "allocate", "restrict", "statistics_groups", "budget_reference"]
+__all__ = ["Allocation", "CandidateAllocation", "allocate", "restrict", "keep_families", "statistics_groups", "budget_reference"]
 
 _ROUNDS = 4  # re-allocations after the latency guard keeps layers dense
 
@@ -35,12 +35,14 @@ _ROUNDS = 4  # re-allocations after the latency guard keeps layers dense
 class CandidateAllocation:
     """Another way to spend the budget, tried beside a compressor's own (the model with the lowest
     calibration output error is kept): the plan families it may use, in order of preference
-    (empty: every form), the rank selector, and the form choice's objective ("sum" or "max")."""
+    (empty: every form), the rank selector, the form choice's objective ("sum" or "max") and whether
+    the families' forms compete or each layer takes its first (a baseline's own plan)."""
 
     name: str
     families: tuple[str, ...] = ()
     selector: str = "budget"
     objective: str = "sum"
+    compete: bool = False  # True: every form of the families competes; False: each layer's first one
 
 
 @dataclass
@@ -93,6 +95,13 @@ def budget_reference(prep: "Prepared", latency: dict[str, Any] | None) -> float:
         return float(prep.before.of(metric))
     modules = dict(prep.work.named_modules())
     return float(sum(module_cost(prep.before, modules[n], n, metric) for n in prep.target_names))
+
+
+def keep_families(candidates: list[list[LayerPlan]], families: tuple[str, ...] | None) -> list[list[LayerPlan]]:
+    """Every layer's forms of these families (None: all forms); a layer with none keeps its first."""
+    if families is None:
+        return candidates
+    return [[p for p in forms if p.family in families] or forms[:1] for forms in candidates]
 
 
 def restrict(candidates: list[list[LayerPlan]], families: tuple[str, ...]) -> list[list[LayerPlan]] | None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hsc_plugin.allocation import Allocation, allocate, restrict, statistics_groups
+from hsc_plugin.allocation import Allocation, allocate, keep_families, restrict, statistics_groups
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
     run_calibration, trace_layers
@@ -266,11 +266,11 @@ def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[
                 latency: dict[str, Any] | None) -> dict[str, Allocation]:
     """The compressor's own allocation and the others it asks to be compared with, by name. Another
     allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out."""
-    out = {compressor.name: allocate(compressor, prep, candidates, latency)}
+    out = {compressor.name: allocate(compressor, prep, keep_families(candidates, compressor.own_families()), latency)}
     if prep.budget is None or prep.calib is None:
         return out
     for cand in compressor.candidate_allocations(prep.context):
-        restricted = restrict(candidates, cand.families)
+        restricted = keep_families(candidates, cand.families) if cand.compete else restrict(candidates, cand.families)
         if restricted is None or cand.name in out:
             continue
         try:

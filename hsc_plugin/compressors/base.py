@@ -155,6 +155,11 @@ class Compressor(ABC):
         """Whether any label-free recovery step is on (it needs calibration data)."""
         return self.bn_reestimation or self.bias_correction
 
+    def own_families(self) -> tuple[str, ...] | None:
+        """The plan families this compressor's own allocation may choose from (None: every form its
+        plan offers); other families are there only for :meth:`candidate_allocations`."""
+        return None
+
     def candidate_allocations(self, context: PlanContext) -> list["CandidateAllocation"]:
         """Other allocations to try besides this compressor's own; the pipeline keeps whichever
         compressed model has the lowest output error on the calibration data. Default: none."""

@@ -57,6 +57,8 @@ class SVDPlan(LayerPlan):
         block = RankBlock(energies.cpu().numpy(), label="rank",
                           matrix=self.matrices[0] if self.groups == 1 and S is None else None)
         super().__init__(info, [block], note=note, form=form)
+        if S is None:
+            self.family = "svd-datafree"  # weight SVD: what its spectrum measures is not output error
 
     def factorised_cost(self, ranks: list[int], metric: str) -> float:
         r = ranks[0]

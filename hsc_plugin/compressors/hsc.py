@@ -78,6 +78,7 @@ class HSC(Compressor):
         block: str | BlockFactoriser = "svd",
         alternatives: bool = True,
         baselines: tuple[str, ...] = ("global_svd", "tucker2"),
+        data_free_baselines: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -101,6 +102,7 @@ class HSC(Compressor):
                                  offered={"n_clusters": n_clusters, "seed": self.seed})
         self.block = block
         self.baselines = tuple(baselines)
+        self.data_free_baselines = bool(data_free_baselines)
         for b in self.baselines:
             lookup("compressor", b)  # an unknown name is an error now, not after calibration
         self._block = create("block_factoriser", block, BlockFactoriser, offered={"seed": self.seed})
@@ -117,17 +119,25 @@ class HSC(Compressor):
         out["block"] = self._block.config()
         return out
 
+    def own_families(self) -> tuple[str, ...] | None:
+        return ("hsc", "svd", "tucker2")  # data-free plans measure weight error, not output error
+
     def candidate_allocations(self, context: PlanContext) -> list[CandidateAllocation]:
-        """The baselines' own allocations, rebuilt from HSC's statistics (their plans are among HSC's
-        forms): the model whose calibration output error is lowest is kept, so HSC is never worse
-        than data-aware SVD or Tucker-2 on the calibration data."""
+        """HSC's forms at one error bound for every layer, and the baselines' own allocations rebuilt
+        from HSC's statistics (their plans are among HSC's forms; data-free ones too): the model whose
+        calibration output error is lowest is kept, so HSC is never worse than data-aware SVD or
+        Tucker-2 (or their data-free versions) on the calibration data."""
         if not self.alternatives:
             return []
-        out = [CandidateAllocation("hsc (uniform error)", (), "scaled", "max")]
+        out = [CandidateAllocation("hsc (uniform error)", self.own_families() or (), "scaled", "max", compete=True)]
         for name in self.baselines:
             cls = lookup("compressor", name)
-            if cls.form_family:
-                out.append(CandidateAllocation(f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
+            if not cls.form_family:
+                continue
+            out.append(CandidateAllocation(f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
+            if self.data_free_baselines:
+                free = tuple(f"{f}-datafree" for f in cls.form_family)
+                out.append(CandidateAllocation(f"{name} (data-free)", free, cls.budget_selector))
         return out
 
     @staticmethod
@@ -219,9 +229,12 @@ class HSC(Compressor):
              context: PlanContext | None = None) -> LayerPlan | list[LayerPlan] | str:
         if not self._spatial(info):
             svd = SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
-            if len(stats) < 2:
+            if not self._competes(info, context):
                 return svd
-            return [svd, Tucker2Plan(info, stats[0].S, stats[1].S, form="data-aware Tucker-2 (per group)")]
+            forms: list[LayerPlan] = [svd]
+            if len(stats) > 1:
+                forms.append(Tucker2Plan(info, stats[0].S, stats[1].S, form="data-aware Tucker-2 (per group)"))
+            return forms + self._data_free(info)
         outs: CellStats = stats[0]  # type: ignore[assignment]
         ins = next((a for a in stats[1:] if isinstance(a, CellStats)), None)
         contributions = [a for a in stats if isinstance(a, ClusterContributions)]
@@ -246,7 +259,16 @@ class HSC(Compressor):
         forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
         if info.module.kernel_size != (1, 1) and ins is not None:
             forms.append(Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2"))
-        return forms
+        return forms + self._data_free(info)
+
+    def _data_free(self, info: LayerInfo) -> list[LayerPlan]:
+        """The data-free baselines' plans (weight SVD, weight Tucker-2), for their allocations only."""
+        if not self.data_free_baselines:
+            return []
+        out: list[LayerPlan] = [SVDPlan(info, None, form="data-free SVD")]
+        if self._tucker(info):
+            out.append(Tucker2Plan(info, None, None, form="data-free Tucker-2"))
+        return out
 
     def _clustered(self, info: LayerInfo, tiling: Tiling, fac: BlockFactoriser, outs: CellStats,
                    ins: CellStats | None, contributions: list[ClusterContributions]) -> HSCPlan:

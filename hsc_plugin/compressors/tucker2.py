@@ -58,6 +58,8 @@ class Tucker2Plan(LayerPlan):
             RankBlock(e_in.cpu().numpy(), label="in", matrix=_unfold(self.weights[0], 1) if data_free else None),
         ]
         super().__init__(info, blocks, total_energy=1.0, form=form)
+        if S_out is None and S_in is None:
+            self.family = "tucker2-datafree"
 
     def retained(self, ranks: list[int]) -> float:
         """Energy kept, modelled as the product of the two modes' kept fractions.
