@@ -297,7 +297,7 @@ def test_l1norm_pruner_and_speedup_on_a_global_svd_model(small_cnn):
 
 def test_hsc_through_speedup_is_a_clear_error(small_cnn):
     calib = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    config = {"op_names": ["body.5"], "method": "hsc", "grid": [2, 2], "n_clusters": 2}
+    config = {"op_names": ["body.5"], "method": "hsc", "grid": [2, 2], "n_clusters": 2, "alternatives": False}
     model, report = LowRankCompressor(small_cnn, [config], calib=calib).compress()
     assert report.layers[0].module == "SpatioChannelConv2d"
     pruner = L1NormPruner(model, [{"op_names": ["stem"], "sparse_ratio": 0.25}])

@@ -33,8 +33,8 @@ from hsc_plugin.modules import TYPES
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd": ("global_svd", {}),
     "tucker2": ("tucker2", {}),
-    "hsc": ("hsc", {"grid": (2, 2)}),
-    "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2)}),
+    "hsc": ("hsc", {"grid": (2, 2), "alternatives": False}),  # the regions path itself
+    "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2), "alternatives": False}),
 }
 ALL = list(METHODS) + list(FORMS)  # forms no compressor makes yet: built from the dense convs
 REPLACED = tuple(TYPES.values())

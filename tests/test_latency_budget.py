@@ -167,13 +167,14 @@ def test_hsc_splits_into_regions_only_where_measured_time_pays(side: str) -> Non
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 48, 3, padding=1), nn.ReLU(), nn.Flatten()).eval()
     x = _two_halves()
+    own = {"baselines": (), "data_free_baselines": False}  # HSC's own form choice, not its baselines'
     bound = compress(model, "hsc", calib=x, budget=Budget(1.6, metric="latency"), cost_model=FakeDevice(),
-                     channel_side=side, progress=False)
+                     channel_side=side, progress=False, **own)
     forms = _forms(bound)
     assert forms and all(f.startswith("1 region") for f in forms.values()), forms
     assert bound.report.budget_met
     free = compress(model, "hsc", calib=x, budget=Budget(1.6, metric="latency"), cost_model=FreeLaunches(),
-                    channel_side=side, progress=False)
+                    channel_side=side, progress=False, **own)
     assert _forms(free)["0"].startswith("4 regions"), _forms(free)
     assert free.report.budget_met
     # The report keeps every form's measured curve and names the chosen one.
@@ -192,8 +193,9 @@ def test_hsc_alternatives_off_keeps_the_partitioners_form_and_mac_budgets_never_
                      alternatives=False, progress=False)
     assert all(f.startswith("4 regions") for n, f in _forms(fixed).items() if n in ("2", "4"))
     assert all("forms" not in e for e in fixed.report.latency["layers"].values())
-    macs = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False)
+    macs = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False, alternatives=False)
     assert all(f.startswith("4 regions") for n, f in _forms(macs).items() if n in ("2", "4"))
+    assert macs.report.latency is None  # a MAC budget is never timed
 
 
 def test_choose_forms_follows_the_budget() -> None:

@@ -155,7 +155,7 @@ def test_cli_out_writes_the_format_for_hsc(tmp_path: Path, monkeypatch: pytest.M
 
     out = tmp_path / "out"
     assert main(["compress", "_factories:tiny_cnn", "--method", "hsc", "--macs", "3x", "--calib", "random",
-                 "--input-size", "3,32,32", "-o", "grid=(2,2)", "--out", str(out)]) == 0
+                 "--input-size", "3,32,32", "-o", "grid=(2,2)", "-o", "alternatives=False", "--out", str(out)]) == 0
     structure = json.loads((out / "structure.json").read_text())
     assert "SpatioChannelConv2d" in {s["type"] for s in structure["replacements"].values()}
     torch.load(out / "weights.pt", weights_only=True)

@@ -265,9 +265,9 @@ class HSC(Compressor):
         """The data-free baselines' plans (weight SVD, weight Tucker-2), for their allocations only."""
         if not self.data_free_baselines:
             return []
-        out: list[LayerPlan] = [SVDPlan(info, None, form="data-free SVD")]
+        out: list[LayerPlan] = [SVDPlan(info, None, form="1 region, data-free SVD")]
         if self._tucker(info):
-            out.append(Tucker2Plan(info, None, None, form="data-free Tucker-2"))
+            out.append(Tucker2Plan(info, None, None, form="1 region, data-free Tucker-2"))
         return out
 
     def _clustered(self, info: LayerInfo, tiling: Tiling, fac: BlockFactoriser, outs: CellStats,
