@@ -73,25 +73,57 @@ class LatencyCostModel:
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
                                threads=self.threads, channels_last=self.channels_last)["median_ms"]
 
-    def curve(self, plan: "LayerPlan") -> Callable[[list[int]], float]:
-        """Milliseconds of the plan's factorised layer as a function of its ranks."""
+    def time_many(self, modules: dict[str, nn.Module], input_shape: tuple[int, ...]) -> dict[str, float]:
+        """Median milliseconds of several modules on one input shape. The built-in torch timer runs
+        them round-robin (A, B, A, B …: :func:`~hsc_plugin.cost.timing.measure_interleaved`), so a
+        busy machine slows every candidate alike instead of faking a speed-up; a subclass that
+        overrides :meth:`time` (another device, a fake one) is asked for each in turn."""
+        if type(self).time is not LatencyCostModel.time or self.runtime != "torch":
+            return {k: self.time(m, input_shape) for k, m in modules.items()}
+        from hsc_plugin.cost.timing import measure_interleaved
+
+        res = measure_interleaved(modules, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
+                                  threads=self.threads, channels_last=self.channels_last)
+        return {k: float(v["median_ms"]) for k, v in res.items()}
+
+    def _samples(self, plan: "LayerPlan") -> list[tuple[int, ...]]:
         samples: dict[tuple[int, ...], None] = {}
         for f in self.fractions:
             # At least rank 1 per block: a block dropped to rank 0 outputs only its bias, which is
             # fast and useless; below the smallest sample the time is held at that sample's, so
             # dropping blocks never looks like a way to save time.
-            ranks = tuple(b.round(max(b.min_rank, 1, math.ceil(f * b.max_rank))) for b in plan.blocks)
-            samples[ranks] = None
-        points = []
+            samples[tuple(b.round(max(b.min_rank, 1, math.ceil(f * b.max_rank))) for b in plan.blocks)] = None
+        return list(samples)
+
+    def layer_curves(self, dense: nn.Module,
+                     plans: list["LayerPlan"]) -> tuple[float, list[Callable[[list[int]], float]]]:
+        """The dense layer's time and each plan's time-vs-ranks curve, all measured together
+        (interleaved with the dense layer, see :meth:`time_many`)."""
+        modules: dict[str, nn.Module] = {"dense": dense}
+        keys: list[list[tuple[str, float]]] = []
         with torch.no_grad():
-            for ranks in samples:
-                macs = plan.factorised_cost(list(ranks), "macs")
-                ms = self.time(plan.build(list(ranks)), plan.info.in_shape)
-                points.append((macs, ms))
-        points.sort()
-        xs = np.array([p[0] for p in points], dtype=np.float64)
-        ys = np.maximum.accumulate(np.array([p[1] for p in points], dtype=np.float64))  # more MACs never faster
-        return _Interpolated(plan, xs, ys)
+            for i, plan in enumerate(plans):
+                row = []
+                for ranks in self._samples(plan):
+                    key = f"{i}:{ranks}"
+                    modules[key] = plan.build(list(ranks))
+                    row.append((key, plan.factorised_cost(list(ranks), "macs")))
+                keys.append(row)
+            ms = self.time_many(modules, plans[0].info.in_shape if plans else (1,))
+        return ms["dense"], [_curve(plan, [(macs, ms[k]) for k, macs in row]) for plan, row in zip(plans, keys)]
+
+    def curve(self, plan: "LayerPlan") -> Callable[[list[int]], float]:
+        """Milliseconds of the plan's factorised layer as a function of its ranks."""
+        with torch.no_grad():
+            ms = self.time_many({str(r): plan.build(list(r)) for r in self._samples(plan)}, plan.info.in_shape)
+        return _curve(plan, [(plan.factorised_cost(list(r), "macs"), ms[str(r)]) for r in self._samples(plan)])
+
+
+def _curve(plan: "LayerPlan", points: list[tuple[float, float]]) -> "_Interpolated":
+    points = sorted(points)
+    xs = np.array([p[0] for p in points], dtype=np.float64)
+    ys = np.maximum.accumulate(np.array([p[1] for p in points], dtype=np.float64))  # more MACs never faster
+    return _Interpolated(plan, xs, ys)
 
 
 class _Interpolated:

@@ -37,15 +37,16 @@ def time_plans(name: str, progress: Any, dense_fallback: bool, cm: LatencyCostMo
                disable=not progress_enabled(progress))
     with torch.no_grad():
         for n in bar:
-            dense_ms[n] = cm.time(infos[n].module, infos[n].in_shape)
             forms = by_name.get(n)
             if forms is None:
+                dense_ms[n] = cm.time(infos[n].module, infos[n].in_shape)
                 continue
+            dense_ms[n], curves = cm.layer_curves(infos[n].module, forms)  # timed together, interleaved
             fast: list[LayerPlan] = []
             fastest = math.inf
-            for p in forms:
+            for p, curve in zip(forms, curves):
                 p.dense_cost["latency"] = dense_ms[n]
-                p.measured_costs["latency"] = cm.curve(p)
+                p.measured_costs["latency"] = curve
                 ms = p.metric_cost(p.min_ranks(), "latency")
                 fastest = min(fastest, ms)
                 if not (dense_fallback and ms >= dense_ms[n]):
