@@ -67,6 +67,9 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+LEGACY: dict[str, Any] = {}
+
+
 def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
     from hsc_plugin import compress
 
@@ -75,7 +78,8 @@ def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
         for cname, method, opts in CASES:
             opts = dict(opts)
             budget = opts.pop("budget", "3x")
-            res = compress(model, method, calib=x, budget=budget, progress=False, seed=0, **opts)
+            extra = {} if not LEGACY else {"bn_reestimation": False, **({"alternatives": False} if method == "hsc" else {})}
+            res = compress(model, method, calib=x, budget=budget, progress=False, seed=0, **opts, **extra)
             sd = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
             rep = _clean(json.loads(json.dumps(res.report.to_dict(), default=str)))
             out[f"{mname}/{cname}"] = (sd, rep)
@@ -89,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--save", type=Path)
     g.add_argument("--compare", type=Path)
     p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--legacy", action="store_true",
+                   help="compress with the options that turn later behaviour off (no label-free recovery; HSC "
+                        "with alternatives=False), to compare the old paths with a checkout that predates them")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.legacy:
+        LEGACY["on"] = True
     results = run()
     if a.save:
         a.save.mkdir(parents=True, exist_ok=True)
@@ -111,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         diff = max(((sd[k].double() - ref_sd[k].double()).abs().max().item() if sd[k].numel() else 0.0)
                    for k in sd)
+        if LEGACY:  # options and report fields that did not exist before
+            rep = {k: v for k, v in rep.items() if k in ref_rep}
+            rep["options"] = {k: v for k, v in rep["options"].items() if k in ref_rep["options"]}
+            for L, R in zip(rep.get("layers", []), ref_rep.get("layers", [])):
+                L["details"] = {k: v for k, v in L["details"].items() if k in R["details"]}
         same_rep = json.loads(json.dumps(rep, sort_keys=True)) == ref_rep
         ok = diff <= a.atol and same_rep
         bad += not ok
