@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from hsc_plugin.allocation import Allocation
@@ -51,6 +52,35 @@ def _install(work: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
     return model
 
 
+class _Replay(nn.Module):
+    """A reference model whose outputs on the selection batches are computed once and replayed:
+    every candidate is compared with the same reference outputs at half the forward passes."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        super().__init__()
+        self.reference = reference
+        self._cache: dict[tuple[int, tuple[int, ...]], Any] = {}
+
+    def forward(self, x: torch.Tensor) -> Any:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in self._cache:
+            self._cache[key] = self.reference(x)
+        return self._cache[key]
+
+
+def _subset(calib: Any, n: int) -> torch.Tensor:
+    """The first ``n`` calibration samples as one tensor (what recovery and the choice run on)."""
+    from hsc_plugin.calibration import iter_batches
+
+    parts, have = [], 0
+    for x in iter_batches(calib):
+        parts.append(x[: n - have])
+        have += parts[-1].shape[0]
+        if have >= n:
+            break
+    return torch.cat(parts)
+
+
 def _lossless(alloc: Allocation) -> bool:
     """Every factorised layer at full rank: nothing to recover (and the model stays exact)."""
     return all(p.discarded(r) <= 1e-12 for p, r in zip(alloc.plans, alloc.ranks))
@@ -71,12 +101,14 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
         alloc = allocations[names[0]]
         return Selected(names[0], alloc, _install(prep.work, alloc.modules))
-    reference = prep.work
+    calib = _subset(prep.calib, compressor.selection_samples)
+    reference: nn.Module = prep.work
     recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
     if recovering and compressor.bn_reestimation:
         reference = copy.deepcopy(prep.work)
-        if reestimate_bn(reference, prep.calib, batch_size=compressor.calib_batch_size) == 0:
+        if reestimate_bn(reference, calib, batch_size=compressor.calib_batch_size) == 0:
             reference = prep.work  # no BatchNorm: the uncompressed model as it is
+    reference = _Replay(reference)
     best: Selected | None = None
     scores: dict[str, float] = {}
     for name in names:
@@ -85,12 +117,12 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         info: dict[str, Any] | None = None
         if recovering and alloc.modules and not _lossless(alloc):
             originals = {n: prep.infos[n].module for n in alloc.modules}
-            info = recover(reference, model, originals, prep.calib, bn=compressor.bn_reestimation,
+            info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
                            bias=compressor.bias_correction, refresh_reference=False,
                            batch_size=compressor.calib_batch_size)
             error = float(info["error_after"])
         else:
-            error = output_error(reference, model, prep.calib, batch_size=compressor.calib_batch_size)
+            error = output_error(reference, model, calib, batch_size=compressor.calib_batch_size)
         scores[name] = error
         if best is None or error < best.error:  # type: ignore[operator]
             best = Selected(name, alloc, model, error, info)

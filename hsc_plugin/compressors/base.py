@@ -68,6 +68,8 @@ class Compressor(ABC):
     * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
       factorising (:mod:`hsc_plugin.recovery`), each kept only where it lowers the model's output
       error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
+      ``selection_samples``: how many calibration samples recovery and the choice among candidate
+      allocations run on (the first ones; fewer is faster on large models).
     """
 
     name: ClassVar[str]
@@ -96,6 +98,7 @@ class Compressor(ABC):
         max_stats_gb: float | None = 4.0,
         bn_reestimation: bool = True,
         bias_correction: bool = False,
+        selection_samples: int = 256,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -119,6 +122,9 @@ class Compressor(ABC):
         self.max_stats_gb = max_stats_gb
         self.bn_reestimation = bool(bn_reestimation)
         self.bias_correction = bool(bias_correction)
+        if selection_samples < 1:
+            raise ValueError(f"selection_samples must be >= 1, got {selection_samples}")
+        self.selection_samples = int(selection_samples)
 
     # -- what subclasses implement ---------------------------------------------------------------
     # ``context`` is optional in every hook below: an implementation that does not name it is
