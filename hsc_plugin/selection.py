@@ -11,6 +11,7 @@ allocations is never worse than them on the calibration data, by construction.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,12 @@ def _subset(calib: Any, n: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _lossless(alloc: Allocation) -> bool:
     """Every factorised layer at full rank: nothing to recover (and the model stays exact)."""
     return all(p.discarded(r) <= 1e-12 for p, r in zip(alloc.plans, alloc.ranks))
@@ -98,6 +105,12 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     from hsc_plugin.recovery import output_error, recover, reestimate_bn
 
     names = list(allocations)
+    if _distributed():
+        warnings.warn("under torch.distributed each process holds its own calibration shard: label-free recovery "
+                      "and the choice among candidate allocations are skipped (the compressor's own allocation "
+                      "is used), so every process builds the same model", stacklevel=4)
+        alloc = allocations[names[0]]
+        return Selected(names[0], alloc, _install(prep.work, alloc.modules))
     if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
         alloc = allocations[names[0]]
         return Selected(names[0], alloc, _install(prep.work, alloc.modules))

@@ -69,7 +69,7 @@ def test_compress_factory_random_calib_report_and_out(tmp_path: Path, capsys, mo
     assert rc == 0
     cap = capsys.readouterr()
     assert "RANDOM" in cap.err  # random calibration is labelled as such
-    assert cap.out.splitlines()[0].split()[:3] == ["layer", "status", "ranks"]
+    assert cap.out.splitlines()[0].split()[:4] == ["layer", "status", "form", "ranks"]
     assert "factorised" in cap.out and "met=True" in cap.out
     report = _check_report(rep)
     assert report["method"] == "global_svd" and report["input_shape"] == [3, 32, 32]

@@ -202,7 +202,8 @@ def test_save_load_round_trip(tmp_path, side: str) -> None:
     from hsc_plugin import load, save
 
     model, x = _cnn(), torch.randn(8, 3, 32, 32)
-    res = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side)
+    res = compress(model, "hsc", calib=x, budget=Budget(3.0), grid=(2, 2), channel_side=side,
+                   alternatives=False)  # HSC's region modules (the stem then stays dense)
     save(res, tmp_path / "m")
     loaded = load(tmp_path / "m", _cnn())
     with torch.no_grad():
@@ -232,6 +233,7 @@ def test_fixed_grid_needs_only_its_own_cells(side: str) -> None:
         opts = dict(opts)
         if "min_gain" in opts:  # split wherever allowed, so the tiling is not trivial
             opts["partition"] = QuadtreePartitioner(min_gain=opts.pop("min_gain"))
+        opts["alternatives"] = False  # the partitioner's regions (what the statistics grid feeds)
         coarse = compress(model, "hsc", calib=x, budget=Budget(3.0), channel_side=side, progress=False, **opts)
         fine = compress(model, "hsc", calib=x, budget=Budget(3.0), channel_side=side, cells=8, progress=False,
                         **opts)
@@ -248,7 +250,8 @@ def test_blocks_can_be_dropped_under_a_tight_budget() -> None:
     torch.manual_seed(0)
     model = SmallCNN().eval()
     x = torch.randn(16, 3, 32, 32)
-    res = compress(model, "hsc", calib=x, budget=Budget(25.0, scope="targets"), progress=False)
+    res = compress(model, "hsc", calib=x, budget=Budget(25.0, scope="targets"), progress=False,
+                   alternatives=False)  # HSC's own blocks (a baseline's allocation could win otherwise)
     assert abs(res.report.achieved_ratio / 25.0 - 1) <= 0.02
     assert any(v == 0 for L in res.report.layers for v in L.ranks.values())
     with torch.no_grad():

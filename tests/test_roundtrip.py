@@ -108,7 +108,8 @@ def test_checkpoint_is_json_and_plain_tensors(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def saved_alexnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "m"
-    res = compress(_alexnet(), "hsc", calib=torch.randn(4, 1, 64, 64), budget=Budget(3.0), progress=False)
+    res = compress(_alexnet(), "hsc", calib=torch.randn(4, 1, 64, 64), budget=Budget(3.0), progress=False,
+                   alternatives=False)  # HSC's regions (the stem stays dense: the patterns below rely on it)
     save(res, path)
     return path
 

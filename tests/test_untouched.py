@@ -120,7 +120,7 @@ def test_train_mode_model_is_returned_in_train_mode_with_its_bn_stats(small_cnn:
     snap = snapshot(model)
     bn = model.body[1]
     stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
-    res = compress(model, "global_svd", calib=X, budget=Budget(3.0), data_aware=True)
+    res = compress(model, "global_svd", calib=X, budget=Budget(3.0), data_aware=True, bn_reestimation=False)
     # the calibration forward passes did not update the input's BN statistics …
     assert_unchanged(model, snap)
     assert all(modes(model).values())
@@ -130,6 +130,10 @@ def test_train_mode_model_is_returned_in_train_mode_with_its_bn_stats(small_cnn:
     assert torch.equal(out_bn.running_mean, stats[0]) and torch.equal(out_bn.running_var, stats[1])
     assert int(out_bn.num_batches_tracked) == stats[2]
     assert res.model(X).shape == (8, 10)
+    # with BN re-estimation (the default) only the copy's statistics change, and the modes still hold
+    recovered = compress(model, "global_svd", calib=X, budget=Budget(3.0), data_aware=True)
+    assert_unchanged(model, snap)
+    assert all(modes(recovered.model).values())
 
 
 def test_eval_mode_model_is_returned_in_eval_mode(small_cnn: nn.Module) -> None:
