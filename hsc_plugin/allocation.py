@@ -55,6 +55,16 @@ class Allocation:
     base_ref: float  # the cost the budget divides (model or targets, in the budget's metric)
     floored: set[str] = field(default_factory=set)  # layers at minimum rank with a large predicted error
     slower: dict[str, str] = field(default_factory=dict)  # kept dense by the latency guard, and why
+    measured_ms: float | None = None  # closed latency loop: the whole model's time, measured
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # closed latency loop: each round's numbers
+
+    def predicted(self, metric: str) -> float:
+        """The whole model's (or the targets') cost as the plans predict it, in ``metric``."""
+        return self.base_ref - sum(p.dense_cost[metric] - p.cost(r, metric) for p, r in zip(self.plans, self.ranks))
+
+    def error(self) -> float:
+        """The selectors' objective: the plans' normalised discarded energy, summed (lower: more accurate)."""
+        return float(sum(p.discarded(r) for p, r in zip(self.plans, self.ranks)))
 
 
 def statistics_groups(compressor: "Compressor", live: list[str], infos: dict[str, LayerInfo],
@@ -119,10 +129,14 @@ def restrict(candidates: list[list[LayerPlan]], families: tuple[str, ...]) -> li
 
 
 def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[LayerPlan]],
-             latency: dict[str, Any] | None, selector: Any = None, objective: str = "sum") -> Allocation:
+             latency: dict[str, Any] | None, selector: Any = None, objective: str = "sum",
+             goal: float | None = None, built: dict[tuple[Any, ...], nn.Module] | None = None,
+             ceiling: bool = False) -> Allocation:
     """Choose forms and ranks for the budget and build the modules (see the module docstring);
     ``selector`` overrides the call's rank selector, ``objective`` is the form choice's
-    (:func:`hsc_plugin.form_choice.choose_forms`)."""
+    (:func:`hsc_plugin.form_choice.choose_forms`). ``goal`` replaces the budget's cost (the whole
+    model's, in the budget's metric: the closed latency loop re-aims it); modules already in
+    ``built`` (by layer, form and ranks) are reused and new ones are added to it."""
     selector = selector if selector is not None else prep.selector
     plans = [forms[0] for forms in candidates]
     if not plans:
@@ -137,10 +151,11 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
             raise BudgetError("Every factorised layer measured slower than its dense layer on this device")
         plans, target = [forms[0] for forms in live], None
         if budget is not None:
-            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower), objective)
-        problem = RankProblem(plans, metric, target, upper_bound=budget is not None and budget.ms is not None)
+            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower), objective, goal)
+        problem = RankProblem(plans, metric, target,
+                              upper_bound=budget is not None and (ceiling or budget.ms is not None))
         ranks = [p.finalise(r, metric) for p, r in zip(plans, selector.select(problem))]
-        modules = {p.name: p.build(r) for p, r in zip(plans, ranks) if not p.is_dense(r)}
+        modules = {p.name: _build(p, r, built) for p, r in zip(plans, ranks) if not p.is_dense(r)}
         newly = measured_slower(compressor.latency_batch, modules, prep.infos) if compressor.latency_guard else {}
         if not newly:
             break
@@ -153,13 +168,23 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
     return Allocation(plans, ranks, modules, base_ref, floored, slower)
 
 
+def _build(plan: LayerPlan, ranks: list[int], built: dict[tuple[Any, ...], nn.Module] | None) -> nn.Module:
+    """The plan's module at these ranks, from ``built`` when an earlier round made it."""
+    if built is None:
+        return plan.build(ranks)
+    key = (plan.name, id(plan), tuple(ranks))
+    if key not in built:
+        built[key] = plan.build(ranks)
+    return built[key]
+
+
 def _fit_forms(live: list[list[LayerPlan]], budget: Budget, metric: str, base_ref: float,
-               n_slower: int, objective: str = "sum") -> tuple[list[LayerPlan], float]:
-    """Each layer's form for the budget and what the chosen plans may cost together; a budget out
-    of reach even at minimum ranks is a BudgetError that says why."""
+               n_slower: int, objective: str = "sum", goal: float | None = None) -> tuple[list[LayerPlan], float]:
+    """Each layer's form for the budget (or ``goal``) and what the chosen plans may cost together;
+    a budget out of reach even at minimum ranks is a BudgetError that says why."""
     plan_dense = sum(forms[0].dense_cost[metric] for forms in live)
     fixed = base_ref - plan_dense
-    target = budget.target_cost(base_ref) - fixed
+    target = (budget.target_cost(base_ref) if goal is None else goal) - fixed
     plans = [forms[i] for forms, i in zip(live, choose_forms(live, metric, target, objective))]
     floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
     if target < floor:

@@ -34,12 +34,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hsc_plugin.allocation import Allocation, allocate, keep_families, restrict, statistics_groups
+from hsc_plugin.allocation import Allocation, keep_families, restrict, statistics_groups
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
     run_calibration, trace_layers
 from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.decomposition import DecompositionWarning
+from hsc_plugin.latency_loop import allocate_measured
 from hsc_plugin.cost.macs import ModelCost, count_params, measure_costs
 from hsc_plugin.plan import LayerPlan, PlanContext, planning
 from hsc_plugin.cost.plan_timing import time_plans
@@ -93,7 +94,7 @@ def run(compressor: "Compressor", model: nn.Module, calib: Any = None, *, target
         candidates, latency = time_plans(compressor.name, compressor.progress, compressor.dense_fallback, cost_model,
                                          candidates, prep.work, prep.infos, prep.target_names, prep.example,
                                          prep.reports, prep.before)
-    chosen = select(compressor, prep, allocations(compressor, prep, candidates, latency))
+    chosen = select(compressor, prep, allocations(compressor, prep, candidates, latency, cost_model))
     errors, after = measure(compressor, prep, chosen)
     report = build_report(compressor, prep, chosen, errors, after, n_samples, latency)
     check_budget(compressor.name, report, prep.budget, chosen.alloc.base_ref)
@@ -263,10 +264,12 @@ def _plan_layer(compressor: "Compressor", prep: Prepared, info: LayerInfo,
 
 # -- stage 4 ---------------------------------------------------------------------------------------
 def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[LayerPlan]],
-                latency: dict[str, Any] | None) -> dict[str, Allocation]:
+                latency: dict[str, Any] | None, cost_model: LatencyCostModel | None = None) -> dict[str, Allocation]:
     """The compressor's own allocation and the others it asks to be compared with, by name. Another
-    allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out."""
-    out = {compressor.name: allocate(compressor, prep, keep_families(candidates, compressor.own_families()), latency)}
+    allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out.
+    Under a latency budget each one is measured whole and re-aimed (:mod:`hsc_plugin.latency_loop`)."""
+    own = keep_families(candidates, compressor.own_families())
+    out = {compressor.name: allocate_measured(compressor, prep, own, latency, cost_model)}
     if prep.budget is None or prep.calib is None:
         return out
     for cand in compressor.candidate_allocations(prep.context):
@@ -274,8 +277,9 @@ def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[
         if restricted is None or cand.name in out:
             continue
         try:
-            out[cand.name] = allocate(compressor, prep, restricted, latency, objective=cand.objective,
-                                      selector=create("rank_selector", cand.selector, RankSelector))
+            out[cand.name] = allocate_measured(compressor, prep, restricted, latency, cost_model,
+                                               objective=cand.objective,
+                                               selector=create("rank_selector", cand.selector, RankSelector))
         except BudgetError:
             continue
     return out

@@ -121,6 +121,13 @@ class Report:
                 f"{self.latency['before_ms']:.3f} ms -> {self.latency['after_ms']:.3f} ms measured"
                 + (f" ({pred:.3f} ms predicted)" if pred is not None else "")
             )
+            rounds = self.latency.get("rounds")
+            if rounds:
+                kept = next((r for r in rounds if r.get("kept")), rounds[-1])
+                lines.append(f"closed loop: {len(rounds)} round(s), measured speed-up "
+                             + " -> ".join(f"{r['speedup']:.2f}x" for r in rounds)
+                             + f"; kept round {kept['round']} ({kept['measured_ms']:.3f} ms measured, "
+                             f"{kept['predicted_ms']:.3f} ms predicted)")
             chosen = [f"{n}: {e['form']}" for n, e in self.latency.get("layers", {}).items() if e.get("form")]
             if chosen:
                 lines.append("forms chosen by measured time: " + "; ".join(chosen))
@@ -194,8 +201,12 @@ def _achieved(prep: "Prepared", alloc: "Allocation", model: nn.Module, after: "M
         return None, None
     if metric == "latency":  # as the cost model predicts it; the measured time is reported
         assert latency is not None
-        after_ref = base_ref - sum(p.dense_cost[metric] - p.cost(r, metric) for p, r in zip(alloc.plans, alloc.ranks))
+        after_ref = alloc.predicted(metric)
         latency["predicted_after_ms"] = after_ref if budget.scope == "model" else None
+        if alloc.measured_ms is not None:  # closed loop: the whole model as measured is what counts
+            ceiling = budget.ms if budget.ms is not None else latency["before_ms"] / budget.ratio  # type: ignore[operator]
+            return latency["before_ms"] / max(alloc.measured_ms, 1e-12), \
+                alloc.measured_ms <= ceiling * (1 + budget.tolerance)
     elif budget.scope == "model":
         after_ref = float(after.of(metric))
     else:
@@ -216,6 +227,8 @@ def build_report(compressor: "Compressor", prep: "Prepared", chosen: "Selected",
         reports[p.name] = _factorised_report(p, r, alloc, modules, errors, after)
     achieved, met = _achieved(prep, alloc, chosen.model, after, latency)
     if latency is not None:
+        if alloc.rounds:
+            latency["rounds"] = alloc.rounds
         for p in alloc.plans:
             entry = latency["layers"].get(p.name)
             if entry is not None and "forms" in entry:

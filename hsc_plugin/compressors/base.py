@@ -64,7 +64,10 @@ class Compressor(ABC):
       many GiB (one calibration pass per group, freed once planned); ``None``: all at once.
     * ``cost_model``: the :class:`~hsc_plugin.cost.latency_model.LatencyCostModel` used by latency budgets
       (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
-      ``latency_batch`` on the model's device.
+      ``latency_batch`` on the model's device. ``latency_rounds``: under a latency budget on the
+      whole model, each allocation is timed whole with the cost model and, when its measured
+      speed-up is outside [target, 1.1 × target], re-aimed at most this many times on the curves
+      already timed (:mod:`hsc_plugin.latency_loop`); 0: the per-layer prediction alone (open loop).
     * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
       factorising (:mod:`hsc_plugin.recovery`), each kept only where it lowers the model's output
       error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
@@ -95,6 +98,7 @@ class Compressor(ABC):
         latency_guard: bool = False,
         latency_batch: int = 1,
         cost_model: LatencyCostModel | None = None,
+        latency_rounds: int = 3,
         max_stats_gb: float | None = 4.0,
         bn_reestimation: bool = True,
         bias_correction: bool = False,
@@ -117,6 +121,9 @@ class Compressor(ABC):
         if cost_model is not None and not isinstance(cost_model, LatencyCostModel):
             raise TypeError(f"cost_model must be a LatencyCostModel, got {type(cost_model).__name__}")
         self.cost_model = cost_model
+        if isinstance(latency_rounds, bool) or not isinstance(latency_rounds, int) or latency_rounds < 0:
+            raise ValueError(f"latency_rounds must be an integer >= 0 (0: open loop), got {latency_rounds!r}")
+        self.latency_rounds = latency_rounds
         if max_stats_gb is not None and not max_stats_gb > 0:
             raise ValueError(f"max_stats_gb must be > 0 (or None for no limit), got {max_stats_gb!r}")
         self.max_stats_gb = max_stats_gb
