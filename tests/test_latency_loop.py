@@ -1,0 +1,211 @@
+"""The closed latency loop: the whole compressed model measured, the selection re-aimed until the
+measured speed-up lands in [target, 1.1 × target] (:mod:`hsc_plugin.latency_loop`).
+
+The fake devices here are deterministic and deliberately *not* additive: a layer timed alone does
+not cost what it costs inside the whole model, by a known rule, so the per-layer prediction misses
+the whole model's time by a known amount. No wall clock is involved.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hsc_plugin.pipeline as pipeline
+from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
+from hsc_plugin.latency_loop import WINDOW
+
+from conftest import assert_unchanged, snapshot
+
+RATE = 1e-7  # ms per MAC
+
+
+class Skewed(LatencyCostModel):
+    """Time = launches × launch cost + MACs × rate. A whole model (anything holding a ``Flatten``)
+    pays ``launch_model`` per launch plus a fixed ``overhead``; a layer timed alone pays
+    ``launch_alone`` per launch and everything times ``alone``."""
+
+    def __init__(self, launch_alone: float = 0.02, launch_model: float = 0.02, alone: float = 1.0,
+                 overhead: float = 0.0) -> None:
+        super().__init__(batch=1)
+        self.launch_alone, self.launch_model, self.alone, self.overhead = launch_alone, launch_model, alone, overhead
+        self.whole = 0  # whole-model timings
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        launches = sum(1 for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        macs = measure_costs(module, torch.zeros(1, *input_shape)).macs * RATE
+        if any(isinstance(m, nn.Flatten) for m in module.modules()):
+            self.whole += 1
+            return launches * self.launch_model + macs + self.overhead
+        return self.alone * (launches * self.launch_alone + macs)
+
+
+def fast_in_model() -> Skewed:
+    """The paper's case: a factorised layer's extra launches cost far less inside the model than
+    alone, so the model measures faster than predicted (the budget overshoots)."""
+    return Skewed(launch_alone=0.1, launch_model=0.01)
+
+
+def slow_in_model() -> Skewed:
+    """Layers alone at 2× their in-model time and a fixed per-model overhead the curves miss: the
+    model measures slower than predicted (the budget is missed)."""
+    return Skewed(alone=2.0, overhead=0.5)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    ).eval()
+
+
+X = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+SHAPE = (3, 24, 24)
+
+
+def _speedup(res) -> float:
+    lat = res.report.latency
+    return lat["before_ms"] / lat["after_ms"]
+
+
+def _ranks(res) -> dict[str, dict[str, int]]:
+    return {L.name: L.ranks for L in res.report.layers}
+
+
+@pytest.mark.parametrize("device, ratio, misses", [(fast_in_model, 2.0, "over"), (slow_in_model, 1.6, "under")])
+@pytest.mark.parametrize("method", ["global_svd", "tucker2"])
+def test_closed_loop_lands_where_the_open_loop_misses(device, ratio: float, misses: str, method: str) -> None:
+    model = _model()
+    snap = snapshot(model)
+    budget = Budget(ratio, metric="latency")
+    opened = compress(model, method, calib=X, budget=budget, cost_model=device(), latency_rounds=0, progress=False)
+    if misses == "over":
+        assert _speedup(opened) > WINDOW * ratio  # accuracy given away
+    else:
+        assert _speedup(opened) < ratio  # budget missed, though predicted met
+    dev = device()
+    closed = compress(model, method, calib=X, budget=budget, cost_model=dev, progress=False)
+    assert ratio <= _speedup(closed) <= WINDOW * ratio
+    lat = closed.report.latency
+    rounds = lat["rounds"]
+    assert 2 <= len(rounds) <= 1 + 3  # the first allocation, then at most 3 re-aimed rounds
+    assert [r["round"] for r in rounds] == list(range(len(rounds)))
+    assert not (ratio <= rounds[0]["speedup"] <= WINDOW * ratio)  # the first round did miss
+    kept = [r for r in rounds if r["kept"]]
+    assert len(kept) == 1 and kept[0] is rounds[-1]
+    assert lat["after_ms"] == pytest.approx(kept[0]["measured_ms"], rel=1e-9)
+    assert lat["predicted_after_ms"] == pytest.approx(kept[0]["predicted_ms"], rel=1e-9)
+    for r in rounds:
+        assert r["speedup"] == pytest.approx(lat["before_ms"] / r["measured_ms"])
+        assert r["target_ms"] > 0 and r["predicted_ms"] > 0
+    assert closed.report.budget_met and closed.report.achieved_ratio == pytest.approx(_speedup(closed))
+    assert "closed loop: " in closed.report.table() and f"kept round {kept[0]['round']}" in closed.report.table()
+    # Whole-model timings: the dense model, one per round, the final measurement. Layers are not re-timed.
+    assert dev.whole == len(rounds) + 2
+    assert_unchanged(model, snap)
+    with torch.no_grad():
+        assert closed.model(X).shape == (8, 10)
+
+
+def test_too_fast_gives_accuracy_back() -> None:
+    """Overshooting rounds are less accurate: the kept round has more rank (less predicted error)."""
+    res = compress(_model(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), cost_model=fast_in_model(),
+                   progress=False)
+    rounds = res.report.latency["rounds"]
+    assert rounds[0]["speedup"] > WINDOW * 2.0 and rounds[-1]["error"] < rounds[0]["error"]
+
+
+def test_milliseconds_budget_lands_under_its_ceiling() -> None:
+    dev = slow_in_model()
+    before = dev.time(_model(), SHAPE)
+    ms = before / 1.6
+    res = compress(_model(), "global_svd", calib=X, budget=Budget(ms=ms), cost_model=dev, progress=False)
+    after = res.report.latency["after_ms"]
+    assert ms / WINDOW <= after <= ms
+    assert res.report.budget_met
+
+
+def test_every_candidate_allocation_meets_the_budget_as_measured(monkeypatch) -> None:
+    """HSC compares several allocations (its own and its baselines'): each goes through the loop."""
+    seen: dict[str, object] = {}
+    real = pipeline.select
+
+    def spy(compressor, prep, allocations):
+        seen.update(allocations)
+        return real(compressor, prep, allocations)
+
+    monkeypatch.setattr(pipeline, "select", spy)
+    dev = slow_in_model()
+    ratio = 1.6
+    res = compress(_model(), "hsc", calib=X, budget=Budget(ratio, metric="latency"), cost_model=dev, progress=False)
+    before = res.report.latency["before_ms"]
+    assert len(seen) >= 3
+    for name, alloc in seen.items():
+        assert alloc.rounds and alloc.measured_ms is not None, name
+        assert ratio <= before / alloc.measured_ms <= WINDOW * ratio, (name, alloc.rounds)
+    assert ratio <= _speedup(res) <= WINDOW * ratio
+
+
+def test_unreachable_as_measured_is_a_budget_error_with_both_numbers_and_model_untouched() -> None:
+    """A per-model overhead larger than the budget's ceiling: predicted to fit (the open loop takes
+    it), measured never (the closed loop refuses, saying what was asked and what was measured)."""
+    model = _model()
+    snap = snapshot(model)
+    budget = Budget(3.0, metric="latency")
+    opened = compress(model, "global_svd", calib=X, budget=budget, progress=False, latency_rounds=0,
+                      cost_model=Skewed(alone=2.0, overhead=6.0))
+    assert opened.report.budget_met and _speedup(opened) < 2.0  # "met" as predicted only
+    with pytest.raises(BudgetError, match=r"as measured: the target is [0-9.]+ ms, the fastest of \d+ allocation "
+                                          r"round\(s\) measured [0-9.]+ ms"):
+        compress(model, "global_svd", calib=X, budget=budget, progress=False, cost_model=Skewed(alone=2.0, overhead=6.0))
+    assert_unchanged(model, snap)
+    with pytest.raises(BudgetError):
+        compress(model, "global_svd", calib=X, budget=budget, progress=False, inplace=True,
+                 cost_model=Skewed(alone=2.0, overhead=6.0))
+    assert_unchanged(model, snap)
+
+
+def test_open_loop_measures_nothing_more() -> None:
+    """latency_rounds=0 is the per-layer prediction alone: no rounds, no extra whole-model timing,
+    the budget judged as predicted."""
+    dev = slow_in_model()
+    res = compress(_model(), "global_svd", calib=X, budget=Budget(1.6, metric="latency"), cost_model=dev,
+                   latency_rounds=0, progress=False)
+    lat = res.report.latency
+    assert "rounds" not in lat and "closed loop" not in res.report.table()
+    assert dev.whole == 2  # the dense model before, the result after
+    assert res.report.achieved_ratio == pytest.approx(lat["predicted_before_ms"] / lat["predicted_after_ms"])
+
+
+def test_an_exact_prediction_takes_one_round() -> None:
+    """On an additive device the first allocation already lands: nothing is re-aimed."""
+    dev = Skewed()
+    res = compress(_model(), "global_svd", calib=X, budget=Budget(1.8, metric="latency"), cost_model=dev,
+                   progress=False)
+    rounds = res.report.latency["rounds"]
+    assert len(rounds) == 1 and rounds[0]["kept"]
+    assert rounds[0]["measured_ms"] == pytest.approx(rounds[0]["predicted_ms"], rel=1e-9)
+    assert 1.8 <= _speedup(res) <= WINDOW * 1.8
+
+
+def test_mac_and_param_budgets_and_target_scope_are_untouched() -> None:
+    for budget in (Budget(2.0), Budget(2.0, metric="params")):
+        dev = Skewed()
+        a = compress(_model(), "global_svd", calib=X, budget=budget, cost_model=dev, progress=False)
+        b = compress(_model(), "global_svd", calib=X, budget=budget, cost_model=dev, latency_rounds=0, progress=False)
+        assert _ranks(a) == _ranks(b) and a.report.latency is None and dev.whole == 0
+    targets = Budget(1.6, metric="latency", scope="targets")
+    a = compress(_model(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), progress=False)
+    b = compress(_model(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), latency_rounds=0,
+                 progress=False)
+    assert _ranks(a) == _ranks(b) and "rounds" not in a.report.latency  # the whole model does not measure targets
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_latency_rounds_is_validated(bad) -> None:
+    with pytest.raises(ValueError, match="latency_rounds"):
+        compress(_model(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), latency_rounds=bad)
