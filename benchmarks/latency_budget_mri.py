@@ -15,11 +15,16 @@ the forms the factorised convs took.
 Run it on an idle machine:
 
     python benchmarks/latency_budget_mri.py --data ../shared/data/brain-mri-128 [--ratios 1.25 1.5 2] [--batches 1 32] [--channels-last]
+
+``--latency-rounds 0 3`` compares the open loop (the per-layer prediction alone) with the closed loop
+(the whole model timed after each allocation and the selection re-aimed, at most 3 times:
+:mod:`hsc_plugin.latency_loop`); ``--methods`` picks rows by a word of their label (e.g. ``global_svd``).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections import Counter
@@ -60,37 +65,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--channels-last", action="store_true", help="time models and the cost model in NHWC")
+    ap.add_argument("--methods", nargs="+", help="only the rows whose label contains one of these words")
+    ap.add_argument("--latency-rounds", type=int, nargs="+", default=[3],
+                    help="closed-loop rounds to compare (0: open loop)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", help="said after the machine line (e.g. that it was shared)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    methods = {k: v for k, v in METHODS.items() if not args.methods or any(w in k for w in args.methods)}
     model, train, test, calib = checkpoint_model_and_data(args.data)
     shape = tuple(test.tensors[0].shape[1:])
     macs0 = measure_costs(model, torch.zeros(1, *shape)).macs
-    lines = [f"Command: `python benchmarks/latency_budget_mri.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
-             f"Machine: {machine_description()}\n",
+    lines = [f"Command: `python benchmarks/latency_budget_mri.py {shlex.join(sys.argv[1:] if argv is None else argv)}`  ",
+             f"Machine: {machine_description().rsplit(',', 1)[0]}, latency measured with {args.threads}"
+             + (f"; {args.note}" if args.note else "") + "\n",
              f"Layout: {'channels_last (NHWC) model and input' if args.channels_last else 'NCHW'}\n",
              "No fine-tuning. `predicted` is the cost model's estimate used for the allocation; `measured` is the "
-             "whole compressed model timed afterwards, interleaved with the original (2 threads, medians; `ms before` "
-             "is the original's time in the same runs). Realised = measured speed-up / MAC ratio.\n",
-             "| method | batch | latency budget | accuracy % (± SE) | MAC ratio | ms before | ms predicted | ms measured | "
-             "speed-up measured | realised / MAC ratio | layers kept dense for time | HSC forms | compress s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"whole compressed model timed afterwards, interleaved with the original ({args.threads} threads, medians; "
+             "`ms before` is the original's time in the same runs). Realised = measured speed-up / MAC ratio. "
+             "`rounds`: the allocation's closed-loop rounds (0: open loop), with the whole-model speed-up the "
+             "cost model measured in each.\n",
+             "| method | batch | latency budget | rounds | accuracy % (± SE) | MAC ratio | ms before | ms predicted | "
+             "ms measured | speed-up measured | realised / MAC ratio | layers kept dense for time | HSC forms | "
+             "compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch in args.batches:
-        for label, (method, opts) in METHODS.items():
-            for r in args.ratios:
+        for label, (method, opts) in methods.items():
+            for r, rounds in ((r, n) for r in args.ratios for n in args.latency_rounds):
                 t0 = time.perf_counter()
                 try:
                     res = compress(model, method, calib=calib, budget=Budget(r, metric="latency"), progress=False,
-                                   cost_model=LatencyCostModel(batch, threads=2, channels_last=args.channels_last),
-                                   **opts)
+                                   cost_model=LatencyCostModel(batch, threads=args.threads,
+                                                               channels_last=args.channels_last),
+                                   latency_rounds=rounds, **opts)
                 except BudgetError as exc:
-                    lines.append(f"| {label} | {batch} | {r:g}x | - | - | - | - | - | - | - | {str(exc)[:80]} | - | - |")
+                    lines.append(f"| {label} | {batch} | {r:g}x | {rounds} | - | - | - | - | - | - | - | "
+                                 f"{str(exc)[:80]} | - | - |")
                     print(lines[-1], flush=True)
                     continue
                 secs = time.perf_counter() - t0
                 ev = evaluate_model(res.model, test, n_boot=1000)
                 macs = measure_costs(res.model, torch.zeros(1, *shape)).macs
                 t = measure_interleaved({"dense": model, "model": res.model}, shape, batch=batch, runs=args.runs,
+                                        threads=args.threads,
                                         channels_last=args.channels_last)  # a busy moment hits both alike
                 base_ms, ms = t["dense"]["median_ms"], t["model"]["median_ms"]
                 lat = res.report.latency or {}
@@ -98,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 mac_ratio = macs0 / macs
                 speed = speedup_text(t["dense"], t["model"], mac_ratio)
                 realised = f"{base_ms / ms / mac_ratio:.0%}" if speed[0].isdigit() else "-"
+                loop = " → ".join(f"{q['speedup']:.2f}x" for q in lat.get("rounds", []))
                 lines.append(
-                    f"| {label} | {batch} | {r:g}x | {100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
+                    f"| {label} | {batch} | {r:g}x | {rounds}{f' ({loop})' if loop else ''} | "
+                    f"{100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
                     f"{mac_ratio:.2f}x | {base_ms:.3f} | {lat.get('predicted_after_ms', float('nan')):.3f} | {ms:.3f} | "
                     f"{speed} | {realised} | {kept} | "
                     f"{_forms(res.report) if method == 'hsc' else '-'} | {secs:.1f} |")

@@ -65,10 +65,11 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
     for i in range(1 + compressor.latency_rounds):
         try:
             alloc = allocate(compressor, prep, candidates, latency, goal=goal, built=built, ceiling=True, **kw)
-        except BudgetError:
+        except BudgetError:  # the re-aimed goal is below what minimum ranks predict
             if i == 0:
                 raise
-            break  # the re-aimed goal is below what minimum ranks predict: the rounds so far stand
+            goal = 0.5 * (goal + tried[-1][1]["predicted_ms"])  # type: ignore[operator]  (halfway back)
+            continue
         key = _signature(alloc)
         if key in seen:
             break  # the selection cannot move any further: measuring it again would change nothing
@@ -117,10 +118,10 @@ def _keep(tried: list[tuple[Allocation, dict[str, Any]]], ceiling: float, tolera
     pool = in_window or meets
     if not pool:
         fastest = min(r["measured_ms"] for _, r in tried)
+        each = "; ".join(f"{r['predicted_ms']:.4f} -> {r['measured_ms']:.4f}" for _, r in tried)
         raise BudgetError(
             f"{name} could not reach {asked} as measured: the target is {ceiling:.4f} ms, the fastest of "
-            f"{len(tried)} allocation round(s) measured {fastest:.4f} ms (predicted "
-            f"{min(r['predicted_ms'] for _, r in tried):.4f} ms)")
+            f"{len(tried)} allocation round(s) measured {fastest:.4f} ms (ms predicted -> measured: {each})")
     alloc, rec = min(pool, key=lambda t: t[1]["error"])
     alloc.measured_ms = rec["measured_ms"]
     alloc.rounds = [dict(r, kept=r is rec) for _, r in tried]
