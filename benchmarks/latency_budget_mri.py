@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
              + (f"; {args.note}" if args.note else "") + "\n",
              f"Layout: {'channels_last (NHWC) model and input' if args.channels_last else 'NCHW'}\n",
              "No fine-tuning. `predicted` is the cost model's estimate used for the allocation; `measured` is the "
-             f"whole compressed model timed afterwards, interleaved with the original ({args.threads} threads, medians; "
+             f"whole compressed model timed afterwards, interleaved with the original ({args.threads} threads, "
+             "medians; "
              "`ms before` is the original's time in the same runs). Realised = measured speed-up / MAC ratio. "
              "`rounds`: the allocation's closed-loop rounds (0: open loop), with the whole-model speed-up the "
              "cost model measured in each.\n",

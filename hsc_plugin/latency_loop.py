@@ -7,8 +7,8 @@ or slower than asked (at the paper's scale a 3× budget measured 3.8–5.0×: ev
 away beyond the target is accuracy thrown away).
 
 The rank selector treats the target as a ceiling (it never steps over it to land closer). After an
-allocation is built the whole compressed model is timed with the call's cost model. When
-its measured time is outside [ceiling / 1.1, ceiling] (the speed-up outside [target, 1.1 × target])
+allocation is built the whole compressed model is timed with the call's cost model. When its
+measured time is outside [ceiling / 1.1, ceiling] (the speed-up outside [target, 1.1 × target])
 the cost the form choice and the rank selector may spend is re-aimed at the middle of that window —
 first by measured / predicted, then along the line through the last two rounds — and the selection
 re-runs on the curves already timed (no layer is timed again; only modules whose layer, form or ranks
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.allocation import Allocation, allocate
-from hsc_plugin.budget import BudgetError
+from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.plan import LayerPlan
 
@@ -35,10 +35,16 @@ if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
     from hsc_plugin.pipeline import Prepared
 
-__all__ = ["allocate_measured", "closes_loop"]
+__all__ = ["allocate_measured", "closes_loop", "measured_ceiling"]
 
 WINDOW = 1.1  # measured speed-up accepted up to WINDOW × the target
 _AIM = 1.05  # a re-aimed round aims at the middle of the window
+
+
+def measured_ceiling(budget: Budget, before_ms: float) -> float:
+    """The whole model's measured milliseconds a latency budget allows (ratio budgets divide the
+    dense model's measured time)."""
+    return float(budget.ms) if budget.ms is not None else before_ms / float(budget.ratio)  # type: ignore[arg-type]
 
 
 def closes_loop(compressor: "Compressor", prep: "Prepared", cost_model: LatencyCostModel | None) -> bool:
@@ -57,7 +63,7 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
         return allocate(compressor, prep, candidates, latency, **kw)
     assert latency is not None and cost_model is not None and prep.budget is not None
     budget = prep.budget
-    ceiling = budget.ms if budget.ms is not None else latency["before_ms"] / budget.ratio  # type: ignore[operator]
+    ceiling = measured_ceiling(budget, latency["before_ms"])
     built: dict[tuple[Any, ...], nn.Module] = {}
     tried: list[tuple[Allocation, dict[str, Any]]] = []
     seen: set[tuple[Any, ...]] = set()
@@ -77,8 +83,9 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
         predicted = alloc.predicted("latency")
         measured = _time_whole(cost_model, prep, alloc.modules)
         given = goal if goal is not None else budget.target_cost(alloc.base_ref)
-        tried.append((alloc, {"round": i, "target_ms": given, "predicted_ms": predicted, "measured_ms": measured,
-                              "speedup": latency["before_ms"] / max(measured, 1e-12), "error": alloc.error()}))
+        tried.append((alloc, {"round": len(tried), "target_ms": given, "predicted_ms": predicted,
+                              "measured_ms": measured, "speedup": latency["before_ms"] / max(measured, 1e-12),
+                              "error": alloc.error()}))
         if _in_window(measured, ceiling):
             break
         goal = _next_goal([r for _, r in tried], ceiling / _AIM)

@@ -204,7 +204,9 @@ def _achieved(prep: "Prepared", alloc: "Allocation", model: nn.Module, after: "M
         after_ref = alloc.predicted(metric)
         latency["predicted_after_ms"] = after_ref if budget.scope == "model" else None
         if alloc.measured_ms is not None:  # closed loop: the whole model as measured is what counts
-            ceiling = budget.ms if budget.ms is not None else latency["before_ms"] / budget.ratio  # type: ignore[operator]
+            from hsc_plugin.latency_loop import measured_ceiling
+
+            ceiling = measured_ceiling(budget, latency["before_ms"])
             return latency["before_ms"] / max(alloc.measured_ms, 1e-12), \
                 alloc.measured_ms <= ceiling * (1 + budget.tolerance)
     elif budget.scope == "model":

@@ -161,7 +161,8 @@ def test_unreachable_as_measured_is_a_budget_error_with_both_numbers_and_model_u
     assert opened.report.budget_met and _speedup(opened) < 2.0  # "met" as predicted only
     with pytest.raises(BudgetError, match=r"as measured: the target is [0-9.]+ ms, the fastest of \d+ allocation "
                                           r"round\(s\) measured [0-9.]+ ms"):
-        compress(model, "global_svd", calib=X, budget=budget, progress=False, cost_model=Skewed(alone=2.0, overhead=6.0))
+        compress(model, "global_svd", calib=X, budget=budget, progress=False,
+                 cost_model=Skewed(alone=2.0, overhead=6.0))
     assert_unchanged(model, snap)
     with pytest.raises(BudgetError):
         compress(model, "global_svd", calib=X, budget=budget, progress=False, inplace=True,
