@@ -47,7 +47,9 @@ class FactorisedModule:
     concatenations or channel gathers are not channel maps tp understands; the channel surgery
     for such a type lives in the torch-pruning adapter).
 
-    What label-free recovery (:mod:`hsc_plugin.recovery`) asks: ``output_bias_regions(h, w)``
+    What label-free recovery (:mod:`hsc_plugin.recovery`, :mod:`hsc_plugin.refit`) asks:
+    ``final_linears(h, w)`` (the last linear factors and the output boxes they produce, for the
+    sequential refit; ``[]`` if not refittable), ``output_bias_regions(h, w)``
     (the output boxes that carry their own bias; one box unless the form is regional) and
     ``add_output_bias(delta)`` (shift the output by ``delta``, shaped ``(C_out,)`` or
     ``(n_regions, C_out)`` in the order of ``output_bias_regions``). Every type should implement
@@ -90,6 +92,14 @@ class FactorisedModule:
         if last is None:
             raise NotImplementedError(f"{type(self).__name__} does not implement add_output_bias")
         add_bias(last, region_deltas(delta, 1, last.weight.shape[0])[0])
+
+    def final_linears(self, h: int, w: int) -> list[tuple[nn.Module, tuple[int, int, int, int]]]:
+        """The final linear factors (``nn.Linear`` or 1×1 stride-1 ``nn.Conv2d``) that produce the
+        output, each with the box of an ``h × w`` output map it produces (ignored for Linear); what
+        sequential refit (:mod:`hsc_plugin.refit`) refits. ``[]``: the type cannot be refitted so.
+        Default: the ``output_layer`` child over the whole map."""
+        last = self._output_layer()
+        return [] if last is None else [(last, (0, h, 0, w))]
 
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded

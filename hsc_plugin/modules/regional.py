@@ -121,6 +121,9 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
             fold_affine(e, scale, shift)
         return True
 
+    def final_linears(self, h: int, w: int) -> list[tuple[nn.Module, tuple[int, int, int, int]]]:
+        return list(zip(self.expands, self.output_bias_regions(h, w)))
+
     def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         return [output_box(list(r), h, w, list(self.tiling.grid)) for r in self.tiling.regions]
 
