@@ -13,7 +13,8 @@ Applied to a compressed model of any compressor, after its factorised modules ar
 - :func:`recover`: these, each kept only if it lowers :func:`output_error`, the relative L2 error of
   the model's outputs against the uncompressed model's on the calibration data (by default the
   uncompressed model with its BN statistics re-estimated on the same data), so recovery never
-  increases that error. Measured defaults: BN re-estimation on, bias correction off.
+  increases that error. Measured defaults of the compressors: sequential refit on, BN
+  re-estimation on, bias correction off.
 
 Every function restores the modules' train/eval modes and leaves the model as it was on error.
 The guard compares errors measured in separate passes, so ``calib`` should give the same batches
@@ -328,7 +329,8 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
 
     ``refit``: :func:`hsc_plugin.refit.sequential_refit`, with the layer outputs of ``features``
     (the uncompressed model the error is measured against, when ``reference`` only replays its
-    outputs; default: that model) as targets.
+    outputs; default: that model) as targets. Off here by default; the compressors turn it on
+    (their ``sequential_refit`` option, measured in ``benchmarks/results/sequential_mri.md``).
 
     The error is :func:`output_error` against ``reference``, or with ``refresh_reference`` (``bn``
     on and BN layers in ``reference``) against a copy of it whose BN statistics are re-estimated on ``calib``:

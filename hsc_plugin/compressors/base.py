@@ -68,10 +68,11 @@ class Compressor(ABC):
     * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
       factorising (:mod:`hsc_plugin.recovery`), each kept only where it lowers the model's output
       error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
-      ``sequential_refit``: before them, each factorised layer's final linear factor is refitted in
-      forward order on the partially compressed model's features towards the uncompressed layer's
-      outputs (:mod:`hsc_plugin.refit`; one pass of the selection samples per layer; HSC's
-      region/cluster module is left as it is); measured in ``benchmarks/results/sequential_mri.md``.
+      ``sequential_refit`` (on by measurement, ``benchmarks/results/sequential_mri.md``): first,
+      each factorised layer's final linear factor is refitted in forward order on the partially
+      compressed model's features towards the uncompressed layer's outputs, compensating the
+      earlier layers' errors (:mod:`hsc_plugin.refit`; one pass of the selection samples per layer
+      and candidate, KiB of moments; HSC's region/cluster module is left as it is).
       ``selection_samples``: how many calibration samples recovery and the choice among candidate
       allocations run on (the first ones; fewer is faster on large models).
     """
@@ -102,7 +103,7 @@ class Compressor(ABC):
         max_stats_gb: float | None = 4.0,
         bn_reestimation: bool = True,
         bias_correction: bool = False,
-        sequential_refit: bool = False,
+        sequential_refit: bool = True,
         selection_samples: int = 256,
     ) -> None:
         if rank_multiple < 1:
