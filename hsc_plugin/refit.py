@@ -15,7 +15,8 @@ features themselves), shrunk towards the current factor::
 
 so a direction the data does not excite keeps its current weights, and a factor that already fits
 exactly (full rank, nothing before it) is left as it is. Regional forms refit each region's factor
-on its own output box. This is DESIGN.md §5's sequential calibration restricted to the last
+on its own output box (HSC's module on the output side: each region × cluster factor on its own
+box and channels). A factor without a bias gets one (the type's ``add_output_bias``). This is DESIGN.md §5's sequential calibration restricted to the last
 factor: one pass of the calibration subset per layer (each pass stopped after the layer).
 
 Non-factorised BatchNorm layers first take the reference's running statistics, so that the
@@ -33,15 +34,13 @@ import torch
 from torch import nn
 
 from hsc_plugin.calibration import CalibrationError
-from hsc_plugin.modules.base import FactorisedModule, add_bias
+from hsc_plugin.modules.base import FactorisedModule
 from hsc_plugin.recovery import _batchnorms, _bn_state, _inputs, _load_bn_state, _modes, _run, _set
 
 __all__ = ["sequential_refit", "DAMPING"]
 
 DAMPING = 1e-2
 """Ridge λ as a fraction of the mean diagonal of the features' second moment (as GPTQ damps)."""
-
-Box = tuple[int, int, int, int]
 
 
 class _Stop(Exception):
@@ -116,32 +115,45 @@ def _solve(lin: nn.Module, mom: _Moments, damping: float) -> bool:
     groups = getattr(lin, "groups", 1)
     out_g, k_g = w.shape[0] // groups, w.shape[1]
     a0 = w.detach().reshape(w.shape[0], k_g).double()
-    b0 = lin.bias.detach().double() if lin.bias is not None else a0.new_zeros(w.shape[0])
-    new_w, new_b = torch.empty_like(a0), torch.empty_like(b0)
+    if lin.bias is not None:  # the intercept is fitted with the weights
+        a0 = torch.cat([a0, lin.bias.detach().double()[:, None]], 1)
+    new = torch.empty_like(a0)
     for g in range(groups):
         rows = slice(g * out_g, (g + 1) * out_g)
-        cols = list(range(g * k_g, (g + 1) * k_g)) + [mom.zz.shape[0] - 1]
+        cols = list(range(g * k_g, (g + 1) * k_g)) + ([mom.zz.shape[0] - 1] if lin.bias is not None else [])
         szz = mom.zz[cols][:, cols]
         syz = mom.yz[rows][:, cols]  # type: ignore[index]
-        lam = damping * float(szz.diagonal()[:-1].mean()) if k_g else 0.0
+        lam = damping * float(szz.diagonal()[:k_g].mean()) if k_g else 0.0
         lam = max(lam, 1e-12 * float(szz.diagonal().max()), 1e-300)
-        prior = torch.cat([a0[rows], b0[rows, None]], 1)
         eye = torch.eye(len(cols), dtype=szz.dtype, device=szz.device)
-        fit = torch.linalg.solve(szz + lam * eye, (syz + lam * prior).T).T  # symmetric system
-        new_w[rows], new_b[rows] = fit[:, :-1], fit[:, -1]
-    if not (torch.isfinite(new_w).all() and torch.isfinite(new_b).all()):
+        new[rows] = torch.linalg.solve(szz + lam * eye, (syz + lam * a0[rows]).T).T  # symmetric system
+    if not torch.isfinite(new).all():
         return False
-    w.copy_(new_w.reshape(w.shape).to(w))
-    if lin.bias is None:
-        add_bias(lin, new_b)
-    else:
-        lin.bias.copy_(new_b.to(lin.bias))
+    w.copy_(new[:, :k_g].reshape(w.shape).to(w))
+    if lin.bias is not None:
+        lin.bias.copy_(new[:, -1].to(lin.bias))
     return True
 
 
-def _boxes(module: FactorisedModule, y: torch.Tensor) -> list[tuple[nn.Module, Box]]:
-    h, w = (y.shape[2], y.shape[3]) if y.dim() == 4 else (1, 1)
-    return module.final_linears(h, w)
+def _target(module: FactorisedModule, i: int, y: torch.Tensor) -> torch.Tensor:
+    """The part of the reference output ``y`` that final factor ``i`` produces (box, channels)."""
+    if y.dim() != 4:
+        f = module.final_linears(1, 1)[i]
+        return y if f.channels is None else y[..., f.channels]
+    f = module.final_linears(y.shape[2], y.shape[3])[i]
+    o0, o1, q0, q1 = f.box
+    t = y[:, :, o0:o1, q0:q1]
+    return t if f.channels is None else t[:, f.channels]
+
+
+def _give_biases(module: FactorisedModule, finals: list[nn.Module], channels: int) -> None:
+    """Every final factor gets a bias (zero), the type's own way, so the intercept is fitted too;
+    a type that cannot take one is fitted without it."""
+    if any(getattr(lin, "bias", None) is None for lin in finals):
+        try:
+            module.add_output_bias(torch.zeros(channels))
+        except NotImplementedError:
+            pass
 
 
 @torch.no_grad()
@@ -151,15 +163,18 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
     module = model.get_submodule(name)
     assert isinstance(module, FactorisedModule)
     original = reference.get_submodule(name)
-    finals = [lin for lin, _ in module.final_linears(1, 1)]
+    finals = [f.module for f in module.final_linears(1, 1)]
     for lin in finals:
         _check_final(name, lin)
     moments = [_Moments() for _ in finals]
     targets: list[torch.Tensor] = []
     counters = [0] * len(finals)
 
+    width = [0]
+
     def ref_hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
         targets.append(out.detach().clone())  # a later in-place op (ReLU) must not change it
+        width[0] = out.shape[1] if out.dim() == 4 else out.shape[-1]
         if len(targets) == calls:
             raise _Stop
 
@@ -169,8 +184,7 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
                 raise CalibrationError(f"Layer {name!r} ran more often in the model than in the reference")
             y = targets[counters[i]]
             counters[i] += 1
-            o0, o1, q0, q1 = _boxes(module, y)[i][1]
-            moments[i].add(inp[0], y[:, :, o0:o1, q0:q1] if y.dim() == 4 else y)
+            moments[i].add(inp[0], _target(module, i, y))
         return hook
 
     ran = [0]
@@ -202,6 +216,7 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
             for h in handles:
                 h.remove()
     held = sum(m.bytes() for m in moments)
+    _give_biases(module, finals, width[0])
     return sum(_solve(lin, m, damping) for lin, m in zip(finals, moments)), held
 
 
@@ -225,8 +240,7 @@ def sequential_refit(reference: nn.Module, model: nn.Module, names: list[str] | 
     order, on the partially compressed model's features with the reference's layer outputs as
     targets (see the module docstring). ``reference`` is the uncompressed model (same module names).
 
-    Layers whose type has no ``final_linears`` (e.g. HSC's region/cluster module) are skipped but
-    still run. BatchNorm layers outside the factorised modules take the reference's statistics.
+    Layers whose type has no ``final_linears`` are skipped but still run. BatchNorm layers outside the factorised modules take the reference's statistics.
     On error the model is left as it was. Returns ``{"layers", "factors", "skipped", "passes",
     "moment_bytes"}`` (``moment_bytes``: the most moment memory held at once).
     """

@@ -13,7 +13,7 @@ from conftest import SmallCNN, assert_unchanged, snapshot
 from torch import nn
 
 from hsc_plugin import Budget, CalibrationError, compress, load, save
-from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, conv_geometry
+from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, SpatioChannelConv2d, conv_geometry
 from hsc_plugin.recovery import output_error, recover, reestimate_bn
 from hsc_plugin.refit import sequential_refit
 from hsc_plugin.tiling import Tiling
@@ -101,6 +101,39 @@ def test_regional_refit_is_per_region_and_exact_at_full_rank(grid: tuple[int, in
     again = copy.deepcopy(model)
     sequential_refit(ref, again, ["0"], x)
     assert output_error(ref, again, x) <= 1e-4
+
+
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_hsc_module_refit_is_per_region_and_cluster(side: str) -> None:
+    """HSC's region/cluster module: each region's 1×1 (input side) or each (region, cluster) 1×1
+    (output side, its own channels; a rank-0 cluster outputs its bias) is refitted on its own box."""
+    torch.manual_seed(0)
+    tiling = Tiling.uniform((2, 2), 2, 2)
+    geo = conv_geometry(nn.Conv2d(5, 6, 3, padding=1))
+    if side == "input":
+        clusters, ranks = [[0, 1], [2, 3, 4]], [2, 3]
+    else:
+        clusters, ranks = [[0, 2, 4], [1, 3], [5]], [2, 2, 0]
+    truth = SpatioChannelConv2d(5, 6, geo, tiling, side, [clusters] * 4, [ranks] * 4, bias=False)
+    with torch.no_grad():
+        for p in truth.parameters():
+            p.copy_(torch.randn_like(p))
+    ref = nn.Sequential(truth, nn.ReLU(), nn.Conv2d(6, 3, 1)).eval()
+    model = copy.deepcopy(ref)
+    finals = [f.module for f in model[0].final_linears(8, 8)]
+    assert len(finals) == (4 if side == "input" else 8)
+    with torch.no_grad():
+        for e in finals:
+            e.weight.copy_(torch.randn_like(e.weight))
+    x = _x(24, 5, 8)
+    assert output_error(ref, model, x) > 0.1
+    info = sequential_refit(ref, model, ["0"], x, damping=1e-10)
+    assert info["factors"] == len(finals)
+    assert output_error(ref, model, x) <= 1e-4
+    assert model[0].spec()["bias"]  # it was given the (here zero) bias it fitted: save/load agree
+    twin = SpatioChannelConv2d.from_spec(model[0].spec())
+    twin.load_state_dict(model[0].state_dict())
+    torch.testing.assert_close(twin(x), model[0](x))
 
 
 # ----------------------------------------------------------------------------- error compensation
