@@ -16,8 +16,9 @@ features themselves), shrunk towards the current factor::
 so a direction the data does not excite keeps its current weights, and a factor that already fits
 exactly (full rank, nothing before it) is left as it is. Regional forms refit each region's factor
 on its own output box (HSC's module on the output side: each region × cluster factor on its own
-box and channels). A factor without a bias gets one (the type's ``add_output_bias``). This is DESIGN.md §5's sequential calibration restricted to the last
-factor: one pass of the calibration subset per layer (each pass stopped after the layer).
+box and channels). A factor without a bias gets one (the type's ``add_output_bias``). This is
+DESIGN.md §5's sequential calibration restricted to the last factor: one pass of the calibration
+subset per layer (each pass stopped after the layer).
 
 Non-factorised BatchNorm layers first take the reference's running statistics, so that the
 partially compressed model is the reference with its earlier layers replaced (the refit then
@@ -240,8 +241,8 @@ def sequential_refit(reference: nn.Module, model: nn.Module, names: list[str] | 
     order, on the partially compressed model's features with the reference's layer outputs as
     targets (see the module docstring). ``reference`` is the uncompressed model (same module names).
 
-    Layers whose type has no ``final_linears`` are skipped but still run. BatchNorm layers outside the factorised modules take the reference's statistics.
-    On error the model is left as it was. Returns ``{"layers", "factors", "skipped", "passes",
+    Layers whose type has no ``final_linears`` are skipped but still run. BatchNorm layers outside
+    the factorised modules take the reference's statistics. On error the model is left as it was. Returns ``{"layers", "factors", "skipped", "passes",
     "moment_bytes"}`` (``moment_bytes``: the most moment memory held at once).
     """
     mods = dict(model.named_modules())
