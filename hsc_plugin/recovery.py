@@ -8,10 +8,13 @@ Applied to a compressed model of any compressor, after its factorised modules ar
   shift is passed on to every later layer.
 - :func:`reestimate_bn`: BatchNorm running statistics recomputed on the compressed model's own
   activations (cumulative average), since the old ones describe the dense model's.
-- :func:`recover`: both, each kept only if it lowers :func:`output_error`, the relative L2 error of
+- :func:`hsc_plugin.refit.sequential_refit`: each layer's final linear factor refitted in forward
+  order on the partially compressed model's features, towards the uncompressed layer's outputs.
+- :func:`recover`: these, each kept only if it lowers :func:`output_error`, the relative L2 error of
   the model's outputs against the uncompressed model's on the calibration data (by default the
   uncompressed model with its BN statistics re-estimated on the same data), so recovery never
-  increases that error. Measured defaults: BN re-estimation on, bias correction off.
+  increases that error. Measured defaults of the compressors: sequential refit on, BN
+  re-estimation on, bias correction off.
 
 Every function restores the modules' train/eval modes and leaves the model as it was on error.
 The guard compares errors measured in separate passes, so ``calib`` should give the same batches
@@ -300,11 +303,34 @@ def _guarded(step: str, error: float, apply: Callable[[], Any], undo: Callable[[
             "seconds": seconds, "info": info}
 
 
+def _refit_step(features: nn.Module, model: nn.Module, names: list[str], calib: Any, error: float,
+                measure: Callable[[], float], batch_size: int) -> dict[str, Any]:
+    from hsc_plugin.refit import sequential_refit
+
+    modules = _check_originals(model, dict.fromkeys(names), biased=False)
+    backup = {n: copy.deepcopy(m) for n, m in modules.items()}
+    bns = _batchnorms(model)
+    states = _bn_state(bns)
+
+    def undo() -> None:
+        for n, m in backup.items():
+            _set(model, n, m)
+        _load_bn_state(bns, states)
+
+    return _guarded("sequential_refit", error, lambda: sequential_refit(
+        features, model, names, calib, batch_size=batch_size), undo, measure)
+
+
 def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.Module], calib: Any, *,
-            bn: bool = True, bias: bool = False, refresh_reference: bool = True,
-            batch_size: int = 64) -> dict[str, Any]:
-    """Bias correction, then BN re-estimation, on ``model`` (in place), each kept only where it
-    lowers the output error on ``calib`` and undone otherwise; so recovery never raises it.
+            bn: bool = True, bias: bool = False, refit: bool = False, refresh_reference: bool = True,
+            batch_size: int = 64, features: nn.Module | None = None) -> dict[str, Any]:
+    """Sequential refit, bias correction, then BN re-estimation, on ``model`` (in place), each kept
+    only where it lowers the output error on ``calib`` and undone otherwise; so recovery never raises it.
+
+    ``refit``: :func:`hsc_plugin.refit.sequential_refit`, with the layer outputs of ``features``
+    (the uncompressed model the error is measured against, when ``reference`` only replays its
+    outputs; default: that model) as targets. Off here by default; the compressors turn it on
+    (their ``sequential_refit`` option, measured in ``benchmarks/results/sequential_mri.md``).
 
     The error is :func:`output_error` against ``reference``, or with ``refresh_reference`` (``bn``
     on and BN layers in ``reference``) against a copy of it whose BN statistics are re-estimated on ``calib``:
@@ -314,7 +340,8 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
 
     Returns ``{"error_before", "error_after", "seconds", "reference", "steps": [...]}``, each
     step with ``applied``, ``error_before``/``error_after``, ``seconds`` (the step itself, not the
-    error measurement) and ``info`` (layers bias-corrected / BN layers updated).
+    error measurement) and ``info`` (the refit's layers, passes and moment bytes / layers
+    bias-corrected / BN layers updated).
     """
     start = time.perf_counter()
     modules = _check_originals(model, originals, biased=bias)
@@ -328,6 +355,10 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
 
     error = first = measure()
     steps: list[dict[str, Any]] = []
+    if refit and originals:
+        steps.append(_refit_step(features if features is not None else target, model, list(originals), calib,
+                                 error, measure, batch_size))
+        error = min(error, steps[-1]["error_after"])
     if bias and modules:
         backup = {n: copy.deepcopy(m) for n, m in modules.items()}
 

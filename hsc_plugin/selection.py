@@ -121,7 +121,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         reference = copy.deepcopy(prep.work)
         if reestimate_bn(reference, calib, batch_size=compressor.calib_batch_size) == 0:
             reference = prep.work  # no BatchNorm: the uncompressed model as it is
-    reference = _Replay(reference)
+    features, reference = reference, _Replay(reference)
     best: Selected | None = None
     scores: dict[str, float] = {}
     for name in names:
@@ -131,8 +131,8 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         if recovering and alloc.modules and not _lossless(alloc):
             originals = {n: prep.infos[n].module for n in alloc.modules}
             info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
-                           bias=compressor.bias_correction, refresh_reference=False,
-                           batch_size=compressor.calib_batch_size)
+                           bias=compressor.bias_correction, refit=compressor.sequential_refit,
+                           refresh_reference=False, batch_size=compressor.calib_batch_size, features=features)
             error = float(info["error_after"])
         else:
             error = output_error(reference, model, calib, batch_size=compressor.calib_batch_size)

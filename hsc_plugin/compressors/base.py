@@ -71,6 +71,11 @@ class Compressor(ABC):
     * ``bn_reestimation`` / ``bias_correction``: label-free recovery on the calibration inputs after
       factorising (:mod:`hsc_plugin.recovery`), each kept only where it lowers the model's output
       error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
+      ``sequential_refit`` (on by measurement, ``benchmarks/results/sequential_mri.md``): first,
+      each factorised layer's final linear factor is refitted in forward order on the partially
+      compressed model's features towards the uncompressed layer's outputs, compensating the
+      earlier layers' errors (:mod:`hsc_plugin.refit`; one pass of the selection samples per layer
+      and candidate, KiB of moments; per region and cluster for HSC's own module).
       ``selection_samples``: how many calibration samples recovery and the choice among candidate
       allocations run on (the first ones; fewer is faster on large models).
     """
@@ -102,6 +107,7 @@ class Compressor(ABC):
         max_stats_gb: float | None = 4.0,
         bn_reestimation: bool = True,
         bias_correction: bool = False,
+        sequential_refit: bool = True,
         selection_samples: int = 256,
     ) -> None:
         if rank_multiple < 1:
@@ -129,6 +135,9 @@ class Compressor(ABC):
         self.max_stats_gb = max_stats_gb
         self.bn_reestimation = bool(bn_reestimation)
         self.bias_correction = bool(bias_correction)
+        if not isinstance(sequential_refit, bool):
+            raise TypeError(f"sequential_refit must be True or False, got {sequential_refit!r}")
+        self.sequential_refit = sequential_refit
         if selection_samples < 1:
             raise ValueError(f"selection_samples must be >= 1, got {selection_samples}")
         self.selection_samples = int(selection_samples)
@@ -166,7 +175,7 @@ class Compressor(ABC):
 
     def recovers(self) -> bool:
         """Whether any label-free recovery step is on (it needs calibration data)."""
-        return self.bn_reestimation or self.bias_correction
+        return self.bn_reestimation or self.bias_correction or self.sequential_refit
 
     def own_families(self) -> tuple[str, ...] | None:
         """The plan families this compressor's own allocation may choose from (None: every form its

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["FactorisedModule", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "add_bias", "region_deltas", "fold_affine"]
+__all__ = ["FactorisedModule", "FinalLinear", "TYPES", "conv_geometry", "as_conv_kwargs", "dense_conv", "add_bias", "region_deltas", "fold_affine"]
 
 TYPES: dict[str, type["FactorisedModule"]] = {}
 """Every factorised module type by its spec name (``spec()["type"]``); filled by subclassing."""
@@ -35,6 +35,14 @@ def as_conv_kwargs(geom: dict[str, Any]) -> dict[str, Any]:
     return g
 
 
+class FinalLinear(NamedTuple):
+    """A final linear factor of a factorised module, where its output lands (see ``final_linears``)."""
+
+    module: nn.Module
+    box: tuple[int, int, int, int]  # output rows [o0, o1), columns [q0, q1)
+    channels: list[int] | None = None  # the output channels it produces, in its order (None: all)
+
+
 class FactorisedModule:
     """Mixin of every module that replaces a dense conv/linear; a subclass registers itself.
 
@@ -47,7 +55,9 @@ class FactorisedModule:
     concatenations or channel gathers are not channel maps tp understands; the channel surgery
     for such a type lives in the torch-pruning adapter).
 
-    What label-free recovery (:mod:`hsc_plugin.recovery`) asks: ``output_bias_regions(h, w)``
+    What label-free recovery (:mod:`hsc_plugin.recovery`, :mod:`hsc_plugin.refit`) asks:
+    ``final_linears(h, w)`` (the last linear factors and the output boxes they produce, for the
+    sequential refit; ``[]`` if not refittable), ``output_bias_regions(h, w)``
     (the output boxes that carry their own bias; one box unless the form is regional) and
     ``add_output_bias(delta)`` (shift the output by ``delta``, shaped ``(C_out,)`` or
     ``(n_regions, C_out)`` in the order of ``output_bias_regions``). Every type should implement
@@ -90,6 +100,15 @@ class FactorisedModule:
         if last is None:
             raise NotImplementedError(f"{type(self).__name__} does not implement add_output_bias")
         add_bias(last, region_deltas(delta, 1, last.weight.shape[0])[0])
+
+    def final_linears(self, h: int, w: int) -> list[FinalLinear]:
+        """The final linear factors (``nn.Linear`` or 1×1 stride-1 ``nn.Conv2d``) that produce the
+        output, each with the box of an ``h × w`` output map it produces (ignored for Linear) and
+        the output channels it produces (None: all, in order); what sequential refit
+        (:mod:`hsc_plugin.refit`) refits. ``[]``: the type cannot be refitted so. Default: the
+        ``output_layer`` child over the whole map."""
+        last = self._output_layer()
+        return [] if last is None else [FinalLinear(last, (0, h, 0, w))]
 
     def fold_bn(self, scale: torch.Tensor, shift: torch.Tensor) -> bool:
         """Make the output ``y`` become ``y * scale + shift`` per output channel, in place (a folded

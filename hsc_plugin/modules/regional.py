@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsc_plugin.modules.base import (FactorisedModule, add_bias, as_conv_kwargs, conv_geometry, fold_affine,
-                                     region_deltas)
+from hsc_plugin.modules.base import (FactorisedModule, FinalLinear, add_bias, as_conv_kwargs, conv_geometry,
+                                     fold_affine, region_deltas)
 from hsc_plugin.tiling import Tiling, output_box
 
 __all__ = ["RegionalExpansionConv2d"]
@@ -120,6 +120,9 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
         for e in self.expands:
             fold_affine(e, scale, shift)
         return True
+
+    def final_linears(self, h: int, w: int) -> list[FinalLinear]:
+        return [FinalLinear(e, box) for e, box in zip(self.expands, self.output_bias_regions(h, w))]
 
     def output_bias_regions(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         return [output_box(list(r), h, w, list(self.tiling.grid)) for r in self.tiling.regions]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsc_plugin.modules.base import FactorisedModule, add_bias, fold_affine, region_deltas
+from hsc_plugin.modules.base import FactorisedModule, FinalLinear, add_bias, fold_affine, region_deltas
 from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, output_box
 
 __all__ = ["RegionBlock", "SpatioChannelConv2d"]
@@ -349,6 +349,17 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
         if self.single:
             return [(0, h, 0, w)]
         return [output_box(r, h, w, self.grid) for r in self.regions]
+
+    def final_linears(self, h: int, w: int) -> list[FinalLinear]:
+        """Each region's 1×1s: the one to every output (input side), one per kept cluster to its
+        channels (output side); a region with rank 0 has none (it outputs its bias)."""
+        out = []
+        for block, box in zip(self.blocks, self.output_bias_regions(h, w)):
+            if block.side == "input":
+                out += [FinalLinear(e, box) for e in block.expands]
+            else:
+                out += [FinalLinear(e, box, block.clusters[i]) for e, i in zip(block.expands, block.kept)]
+        return out
 
     def add_output_bias(self, delta: torch.Tensor) -> None:
         for block, row in zip(self.blocks, region_deltas(delta, len(self.blocks), self.out_channels)):
