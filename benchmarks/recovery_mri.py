@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, method, opts in METHODS:
         for ratio in args.ratios:
             t0 = time.perf_counter()
-            small = compress(ref, method, calib=calib, budget=ratio, progress=False, seed=0, **opts).model
+            small = compress(ref, method, calib=calib, budget=ratio, progress=False, seed=0,
+                             bn_reestimation=False, sequential_refit=False, **opts).model  # the raw factorisation
             print(f"{label} {ratio:g}x compressed in {time.perf_counter() - t0:.1f} s", flush=True)
             rows += _variants(label, ratio, refs, small, test_y)
     command = "python benchmarks/recovery_mri.py " + " ".join(sys.argv[1:] if argv is None else argv)

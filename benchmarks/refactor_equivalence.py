@@ -78,7 +78,8 @@ def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
         for cname, method, opts in CASES:
             opts = dict(opts)
             budget = opts.pop("budget", "3x")
-            extra = {} if not LEGACY else {"bn_reestimation": False, **({"alternatives": False} if method == "hsc" else {})}
+            extra = {} if not LEGACY else {"bn_reestimation": False, "sequential_refit": False,
+                                           **({"alternatives": False} if method == "hsc" else {})}
             res = compress(model, method, calib=x, budget=budget, progress=False, seed=0, **opts, **extra)
             sd = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
             rep = _clean(json.loads(json.dumps(res.report.to_dict(), default=str)))
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--compare", type=Path)
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--legacy", action="store_true",
-                   help="compress with the options that turn later behaviour off (no label-free recovery; HSC "
+                   help="compress with the options that turn later behaviour off (no label-free recovery or sequential refit; HSC "
                         "with alternatives=False), to compare the old paths with a checkout that predates them")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
