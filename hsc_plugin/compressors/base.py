@@ -73,9 +73,8 @@ class Compressor(ABC):
       error on the calibration data; defaults by measurement (``benchmarks/results/recovery_mri.md``).
       ``sequential_refit`` (on by measurement, ``benchmarks/results/sequential_mri.md``): first,
       each factorised layer's final linear factor is refitted in forward order on the partially
-      compressed model's features towards the uncompressed layer's outputs, compensating the
-      earlier layers' errors (:mod:`hsc_plugin.refit`; one pass of the selection samples per layer
-      and candidate, KiB of moments; per region and cluster for HSC's own module).
+      compressed model's features towards the uncompressed layer's outputs, compensating earlier
+      layers' errors (:mod:`hsc_plugin.refit`; per region and cluster for HSC's own module).
       ``selection_samples``: how many calibration samples recovery and the choice among candidate
       allocations run on (the first ones; fewer is faster on large models).
     """
