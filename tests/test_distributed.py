@@ -50,7 +50,8 @@ def _compress(case: str, calib: torch.Tensor):
     method, opts = CASES[case]
     # recovery and the choice among candidate allocations run on one process's data (skipped under
     # torch.distributed, see hsc_plugin.selection): the single-process reference goes without them too
-    single = {"bn_reestimation": False, **({"alternatives": False} if method == "hsc" else {})}
+    single = {"bn_reestimation": False, "sequential_refit": False,
+              **({"alternatives": False} if method == "hsc" else {})}
     return compress(_model(), method, calib=calib, budget=Budget(3.0), progress=False, measure_error=False,
                     calib_batch_size=4, **single, **opts)
 
