@@ -3,11 +3,12 @@
 The committed brain-MRI checkpoint, uncompressed and compressed by each method's setting of the
 reproduction's best rows (HSC's defaults, data-aware Tucker-2, data-aware Global SVD) at each
 ratio. For each model: the largest |fold_bn(m)(x) - m(x)| over test images (in float64 it must be
-<= 1e-5, in float32 within 1e-5 (1 + |m(x)|); the script exits 1 otherwise), then the model with and without folding timed interleaved (BN, folded,
-BN, folded, ...) after a warm-up, in eager torch at batch 1 and 32 and in ONNX Runtime (CPU
-execution provider, exported the way hsc_plugin exports, intra-op threads = --threads) at batch
-1 and 32: medians [quartiles] in ms, and the gain 1 - folded / BN of the medians. A timing whose
-spread says the machine was busy is marked "disturbed".
+<= 1e-5, in float32 within 1e-5 (1 + |m(x)|); the script exits 1 otherwise), then the model with
+and without folding timed interleaved (BN, folded, BN, folded, ...) after a warm-up, in eager
+torch at batch 1 and 32 and in ONNX Runtime (CPU execution provider, exported the way hsc_plugin
+exports, intra-op threads = --threads) at batch 1 and 32: medians [quartiles] in ms, and the gain
+1 - folded / BN of the medians. A timing whose spread says the machine was busy is marked
+"disturbed".
 
     python benchmarks/fold_bn_gain.py --data ../shared/data/brain-mri-128 --out benchmarks/results/fold_bn_gain.md
     python benchmarks/fold_bn_gain.py --models /tmp/repro_models ...  # models kept by hsc reproduce --save-models
@@ -109,7 +110,8 @@ def models(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor) -> It
             else:
                 t0 = time.perf_counter()
                 m = compress(base, method, calib=calib, budget=Budget(ratio), seed=0, progress=False, **opts).model
-                print(f"{label} @ {ratio:g}x compressed in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+                print(f"{label} @ {ratio:g}x compressed in {time.perf_counter() - t0:.0f}s", file=sys.stderr,
+                      flush=True)
             yield label, ratio, m.eval()
 
 
@@ -138,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
              "hsc_plugin exports: the TorchScript exporter already folds a BN that follows a Conv, and ORT's "
              "graph optimiser fuses Conv + BatchNormalization, so ORT gains only where a BN is left that "
              "follows something else (last column: the unfolded model's export).", "",
-             "| model | budget | BNs folded | max abs diff fp64 / fp32 (max logit) | torch b1 ms | gain | torch b32 ms | gain "
-             "| ORT b1 ms | gain | ORT b32 ms | gain | exporter, BNs left in ONNX |",
+             "| model | budget | BNs folded | max abs diff fp64 / fp32 (max logit) "
+             "| torch b1 ms | gain | torch b32 ms | gain | ORT b1 ms | gain | ORT b32 ms | gain | exporter, BNs left in ONNX |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     failed = []
     for label, ratio, m in models(args, base, calib):

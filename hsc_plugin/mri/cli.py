@@ -134,8 +134,8 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     for row in rows:
         if row.get("stage") == "failed":
             continue
-        for k in [k for k in row if k.startswith(("ort_", "dense_ort_"))]:  # a rerun with --no-ort leaves no stale ORT column
-            del row[k]
+        for k in [k for k in row if k.startswith(("ort_", "dense_ort_"))]:
+            del row[k]  # a rerun with --no-ort leaves no stale ORT column
         if row["method"] == "original":
             t = timing("uncompressed", dense, paired=False)
         else:
