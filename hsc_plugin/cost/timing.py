@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "measure_interleaved", "speedup_text", "num_threads"]
+__all__ = ["measure_latency", "measure_interleaved", "summarise", "speedup_text", "num_threads"]
 
 
 @contextmanager
@@ -124,13 +124,15 @@ def measure_interleaved(
     finally:
         for n, m in models.items():
             m.train(modes[n])
-    out: dict[str, dict[str, float | bool]] = {}
-    for n, t in times.items():
-        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0]] * 3
-        med = statistics.median(t)
-        out[n] = {"median_ms": med, "p25_ms": q[0], "p75_ms": q[2], "runs": float(len(t)),
-                  "disturbed": med <= 0 or (q[2] - q[0]) / med > max_iqr}
-    return out
+    return {n: summarise(t, max_iqr) for n, t in times.items()}
+
+
+def summarise(times: list[float], max_iqr: float = DISTURBED_IQR) -> dict[str, float | bool]:
+    """Median and quartiles of ``times`` (ms), and ``disturbed`` when IQR/median exceeds ``max_iqr``."""
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    med = statistics.median(times)
+    return {"median_ms": med, "p25_ms": q[0], "p75_ms": q[2], "runs": float(len(times)),
+            "disturbed": med <= 0 or (q[2] - q[0]) / med > max_iqr}
 
 
 def speedup_text(dense: dict[str, float | bool], other: dict[str, float | bool], mac_ratio: float | None = None) -> str:

@@ -82,11 +82,28 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_TORCH_CELLS = (("b1", "", 1), ("b32", "", 32), ("NHWC b1", "_cl", 1), ("b32", "_cl", 32))
+
+
+def _timing_line(key: str, t: dict[str, Any], seconds: float) -> str:
+    """One progress line of the latency pass: every column's ms, "(disturbed)" where it was."""
+    from hsc_plugin.mri.experiment import ORT_BATCHES
+
+    cells = [f"{name} {t[f'latency{cl}_b{b}_ms']:7.3f} ms" + (" (disturbed)" if t[f"latency{cl}_b{b}_disturbed"] else "")
+             for name, cl, b in _TORCH_CELLS]
+    if "ort_note" in t:
+        cells.append(f"ORT {t['ort_note']}")
+    cells += [f"ORT b{b} {t[f'ort_b{b}_ms']:7.3f} ms" + (" (disturbed)" if t[f"ort_b{b}_disturbed"] else "")
+              for b in ORT_BATCHES if f"ort_b{b}_ms" in t]
+    return f"{key:<60} {'  '.join(cells)}  ({seconds:.0f}s)"
+
+
 def measure_saved_latency(args: argparse.Namespace) -> int:
     """Second pass of ``hsc reproduce``: latency needs an idle machine, accuracy does not. Load the
     models kept by ``--save-models``, time each interleaved with the uncompressed model (2 threads,
-    batch 1 and 32, NCHW and channels_last, median of ``--latency-runs`` after warm-up), and
-    rewrite the results with the latency."""
+    batch 1 and 32, NCHW and channels_last, median of ``--latency-runs`` after warm-up; and in
+    ONNX Runtime with BatchNorm folded, unless ``--no-ort``), and rewrite the results with the
+    latency."""
     import json
 
     from hsc_plugin import load
@@ -110,15 +127,15 @@ def measure_saved_latency(args: argparse.Namespace) -> int:
     def timing(key: str, model: torch.nn.Module, paired: bool) -> dict[str, Any]:
         if key not in timed:
             t0 = time.perf_counter()
-            timed[key] = t = latency_columns(model, shape, args.latency_runs, dense if paired else None)
-            cells = [f"{name} {t[f'latency{cl}_b{b}_ms']:7.3f} ms" + (" (disturbed)" if t[f"latency{cl}_b{b}_disturbed"] else "")
-                     for name, cl, b in (("b1", "", 1), ("b32", "", 32), ("NHWC b1", "_cl", 1), ("b32", "_cl", 32))]
-            print(f"{key:<60} {'  '.join(cells)}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+            timed[key] = latency_columns(model, shape, args.latency_runs, dense if paired else None, not args.no_ort)
+            print(_timing_line(key, timed[key], time.perf_counter() - t0), flush=True)
         return timed[key]
 
     for row in rows:
         if row.get("stage") == "failed":
             continue
+        for k in [k for k in row if k.startswith(("ort_", "dense_ort_"))]:
+            del row[k]  # a rerun with --no-ort leaves no stale ORT column
         if row["method"] == "original":
             t = timing("uncompressed", dense, paired=False)
         else:
@@ -168,7 +185,8 @@ def reproduce(args: argparse.Namespace) -> int:
     settings = QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS if args.all_settings else PAPER_SETTINGS
     rows = run_comparison(model, train, test, settings=settings, ratios=tuple(args.ratios), n_calib=args.n_calib,
                           finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                          finetune_optimizer=args.finetune_optimizer, latency=not args.no_latency, seed=args.seed,
+                          finetune_optimizer=args.finetune_optimizer, latency=not args.no_latency, ort=not args.no_ort,
+                          seed=args.seed,
                           progress=None if not args.quiet else False, save_dir=args.save_models)
     print(text_table(rows))
     command = "hsc reproduce " + " ".join(sys.argv[2:])
@@ -206,6 +224,8 @@ def add_commands(sub: Any) -> None:
                    help="second pass, on an idle machine: time the models saved by --save-models and add "
                         "the latency to --out-dir's results")
     r.add_argument("--latency-runs", type=int, default=20)
+    r.add_argument("--no-ort", action="store_true",
+                   help="skip the ONNX Runtime latency column (on by default when onnxruntime imports)")
     r.add_argument("--quick", action="store_true", help="three settings only (tests)")
     r.add_argument("--all-settings", action="store_true", help="every HSC setting of benchmarks/hsc_mri.py")
     r.add_argument("--checkpoint", help="state_dict of the model trained with paper_recipe() (skips training)")

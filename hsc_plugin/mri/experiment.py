@@ -20,7 +20,9 @@ from torch.utils.data import TensorDataset
 from hsc_plugin.api import compress
 from hsc_plugin.budget import Budget
 from hsc_plugin.cost.macs import measure_costs
+from hsc_plugin.cost.ort import ort_available, ort_interleaved
 from hsc_plugin.cost.timing import measure_interleaved
+from hsc_plugin.deploy import fold_bn
 from hsc_plugin.mri.data import CLASSES
 from hsc_plugin.mri.metrics import bootstrap_se, classification_metrics
 from hsc_plugin.mri.report import speedup_cell
@@ -105,12 +107,19 @@ LATENCY_CONFIGS: tuple[tuple[int, bool], ...] = ((1, False), (32, False), (1, Tr
 """(batch, channels_last) of the latency columns."""
 
 
+LATENCY_THREADS = 2
+"""CPU threads of every latency column (``measure_interleaved``'s default; ORT's intra-op threads)."""
+
+ORT_BATCHES: tuple[int, ...] = (1, 32)
+"""Batch sizes of the ONNX Runtime column."""
+
+
 def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int,
-                    dense: nn.Module | None = None) -> dict[str, Any]:
+                    dense: nn.Module | None = None, ort: bool = False) -> dict[str, Any]:
     """The table's latency columns: CPU ms (2 threads, median of ``runs`` after warm-up) at batch 1
     and 32, in the default NCHW layout and in channels_last (model and input), the layout a CPU
     deployment should use: PyTorch's NCHW max-pool alone took a quarter of the uncompressed model's
-    time at batch 32 here.
+    time at batch 32 here; with ``ort``, the same in ONNX Runtime (:func:`ort_columns`).
 
     With ``dense`` (the uncompressed model) each configuration times the two interleaved (dense,
     model, dense, ...), so a load spike hits both alike instead of becoming a speed-up; the row
@@ -126,26 +135,53 @@ def latency_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int,
         out[f"{key}_disturbed"] = any(bool(v["disturbed"]) for v in t.values())
         if dense is not None:
             out[f"dense_{key}_ms"] = t["dense"]["median_ms"]
+    if ort:
+        out.update(ort_columns(model, input_shape, runs, dense))
+    return out
+
+
+def ort_columns(model: nn.Module, input_shape: tuple[int, ...], runs: int,
+                dense: nn.Module | None = None) -> dict[str, Any]:
+    """The ONNX Runtime column: the model (and ``dense``) with BatchNorm folded (``fold_bn``, as a
+    deployment would), exported the way hsc_plugin exports, one CPU session each with
+    :data:`LATENCY_THREADS` intra-op threads, timed interleaved at :data:`ORT_BATCHES` (medians of
+    ``runs``). Fields ``ort_b{n}_ms``, ``ort_b{n}_disturbed``, ``dense_ort_b{n}_ms`` and
+    ``ort_exporter``; ``ort_note`` instead when it could not be measured (the table says why)."""
+    if not ort_available():
+        return {"ort_note": "not measured (onnxruntime not installed)"}
+    models = {"model": fold_bn(model)} if dense is None else {"dense": fold_bn(dense), "model": fold_bn(model)}
+    try:
+        res = ort_interleaved(models, input_shape, batches=ORT_BATCHES, runs=runs, threads=LATENCY_THREADS)
+    except Exception as exc:  # an export that fails is a result, not the end of the latency pass
+        first = (str(exc).splitlines() or [""])[0][:120]
+        return {"ort_note": f"not measured ({type(exc).__name__}: {first})"}
+    out: dict[str, Any] = {"ort_exporter": res[ORT_BATCHES[0]]["model"]["exporter"]}
+    for batch, t in res.items():
+        out[f"ort_b{batch}_ms"] = t["model"]["median_ms"]
+        out[f"ort_b{batch}_disturbed"] = any(bool(v["disturbed"]) for v in t.values())
+        if dense is not None:
+            out[f"dense_ort_b{batch}_ms"] = t["dense"]["median_ms"]
     return out
 
 
 def _costs_and_latency(model: nn.Module, input_shape: tuple[int, ...], latency: bool, runs: int,
-                       dense: nn.Module | None = None) -> dict[str, Any]:
+                       dense: nn.Module | None = None, ort: bool = False) -> dict[str, Any]:
     c = measure_costs(model, torch.zeros(1, *input_shape))
     row: dict[str, Any] = {"macs": c.macs, "params": c.params}
     if latency:
-        row.update(latency_columns(model, input_shape, runs, dense))
+        row.update(latency_columns(model, input_shape, runs, dense, ort))
     return row
 
 
 def _timing_warnings(row: dict[str, Any], base: dict[str, Any]) -> str:
     """What a compressed row's timings should not be trusted for, or ''."""
     notes = []
-    for batch, cl in LATENCY_CONFIGS:
-        key = f"latency{'_cl' if cl else ''}_b{batch}_ms"
+    keys = [(f"latency{'_cl' if cl else ''}_b{batch}_ms", f"{'NHWC ' if cl else ''}b{batch}")
+            for batch, cl in LATENCY_CONFIGS] + [(f"ort_b{b}_ms", f"ORT b{b}") for b in ORT_BATCHES]
+    for key, name in keys:
         text = speedup_cell(row, base, key)
         if text == "disturbed" or "suspect" in text:
-            notes.append(f"{'NHWC ' if cl else ''}b{batch} {text}")
+            notes.append(f"{name} {text}")
     return f"  timing: {'; '.join(notes)}" if notes else ""
 
 
@@ -167,6 +203,7 @@ def run_comparison(
     finetune_augment: bool = False,
     latency: bool = True,
     latency_runs: int = 20,
+    ort: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool | None = True,
@@ -178,13 +215,14 @@ def run_comparison(
     lr 1e-3, no augmentation) is what did not hurt a near-optimal data-aware model on brain-MRI:
     AdamW (lr 5e-4 to 2e-5) or augmented batches (which also re-estimate BatchNorm statistics on
     a shifted distribution) cost 0.7-1.5 points at 3x (benchmarks/results/finetune_recipes_mri.md). ``save_dir`` keeps every
-    compressed model (``hsc_plugin.save`` format)."""
+    compressed model (``hsc_plugin.save`` format). ``ort`` adds the ONNX Runtime latency column
+    (:func:`ort_columns`) when ``latency``."""
     model = model.eval()
     input_shape = tuple(test.tensors[0].shape[1:])
     calib = calibration_subset(train, n_calib, seed)
     base = {"method": "original", "setting": "uncompressed", "ratio": 1.0, "stage": "-"}
     t0 = time.perf_counter()
-    base.update(_costs_and_latency(model, input_shape, latency, latency_runs))
+    base.update(_costs_and_latency(model, input_shape, latency, latency_runs, ort=ort))
     base.update(evaluate_model(model, test, n_boot=n_boot, seed=seed))
     rows = [base]
     log(f"original: acc {base['accuracy']:.4f}  MACs {base['macs']:,}  "
@@ -209,7 +247,7 @@ def run_comparison(
             row = {"method": s.method, "setting": s.label, "ratio": ratio, "stage": "compress-only",
                    "options": s.options, "compress_s": seconds, "peak_rss_mb": _peak_rss_mb(),
                    "achieved_ratio": result.report.achieved_ratio}
-            row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs, dense=model))
+            row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs, dense=model, ort=ort))
             row.update(evaluate_model(result.model, test, n_boot=n_boot, seed=seed))
             rows.append(row)
             log(f"{s.label} @ {ratio:g}x: acc {row['accuracy']:.4f}  MACs {row['macs']:,}  "

@@ -12,7 +12,7 @@ import torch
 from hsc_plugin.cost.timing import speedup_text
 
 __all__ = ["markdown_table", "text_table", "pareto_front", "plot_pareto", "save_json", "machine_description",
-           "results_markdown", "speedup_cell"]
+           "results_markdown", "speedup_cell", "ort_cell"]
 
 PAPER = {
     "gflops_before": 8.21, "gflops_after": 1.55, "flops_reduction": "81.1%", "speedup": 1.38,
@@ -46,9 +46,25 @@ def speedup_cell(row: dict[str, Any], base: dict[str, Any], key: str) -> str:
     return speedup_text(dense, {"median_ms": row[key], "disturbed": bool(row.get(flag))}, mac_ratio)
 
 
-def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
+def ort_cell(row: dict[str, Any] | None, base: dict[str, Any]) -> str:
+    """The ONNX Runtime column: speed-up at batch 1 / 32 (BN folded), or why it was not measured."""
+    if row is None:
+        return "-"
+    if "ort_note" in row:
+        return str(row["ort_note"])
+    if "ort_b1_ms" not in row:
+        return "not measured"
+    return f"{speedup_cell(row, base, 'ort_b1_ms')} / {speedup_cell(row, base, 'ort_b32_ms')}"
+
+
+def _has_ort(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the latency pass ran the ORT column (``--no-ort`` leaves it out of every table)."""
+    return any("ort_b1_ms" in r or "ort_note" in r for r in rows)
+
+
+def _cells(row: dict[str, Any], base: dict[str, Any], ort: bool = False) -> list[str]:
     if row.get("stage") == "failed":
-        return [row["setting"], f"{row['ratio']:g}x", "failed", row.get("error", "")[:60]] + ["-"] * 9
+        return [row["setting"], f"{row['ratio']:g}x", "failed", row.get("error", "")[:60]] + ["-"] * (9 + ort)
     lat1 = row.get("latency_b1_ms")
     lat32 = row.get("latency_b32_ms")
     return [
@@ -64,26 +80,34 @@ def _cells(row: dict[str, Any], base: dict[str, Any]) -> list[str]:
         "-" if lat32 is None else f"{lat32:.1f}",
         f"{speedup_cell(row, base, 'latency_b1_ms')} / {speedup_cell(row, base, 'latency_b32_ms')}",
         f"{speedup_cell(row, base, 'latency_cl_b1_ms')} / {speedup_cell(row, base, 'latency_cl_b32_ms')}",
+        *([ort_cell(row, base)] if ort else []),
         "-" if "compress_s" not in row else f"{row['compress_s']:.1f}",
     ]
 
 
 HEADER = ["setting", "budget", "stage", "accuracy % (± SE)", "macro-F1 % (± SE)", "F1 meningioma %",
           "MMACs", "M params", "ms b1", "ms b32", "speed-up b1 / b32", "speed-up channels_last b1 / b32", "compress s"]
+ORT_HEADER = "speed-up ORT b1 / b32"
+
+
+def _header(ort: bool) -> list[str]:
+    return HEADER[:-1] + [ORT_HEADER] + HEADER[-1:] if ort else HEADER
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    base = rows[0]
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    base, ort = rows[0], _has_ort(rows)
+    header = _header(ort)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join(_cells(r, base)) + " |")
+        lines.append("| " + " | ".join(_cells(r, base, ort)) + " |")
     return "\n".join(lines)
 
 
 def text_table(rows: Sequence[dict[str, Any]]) -> str:
-    base = rows[0]
-    table = [HEADER] + [_cells(r, base) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(HEADER))]
+    base, ort = rows[0], _has_ort(rows)
+    header = _header(ort)
+    table = [header] + [_cells(r, base, ort) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in table)
 
 
@@ -174,6 +198,8 @@ def _best_table(rows: Sequence[dict[str, Any]], ratios: list[float]) -> list[str
                 if "latency_b1_ms" in b else ""
             if "latency_cl_b1_ms" in b:
                 speed += f"; NHWC {speedup_cell(b, base, 'latency_cl_b1_ms')} / {speedup_cell(b, base, 'latency_cl_b32_ms')}"
+            if "ort_b1_ms" in b:
+                speed += f"; ORT {ort_cell(b, base)}"
             cells.append(f"{100 * b['accuracy']:.2f} ± {100 * b['accuracy_se']:.2f} ({b['setting']}{speed})")
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     return out
@@ -205,6 +231,8 @@ def results_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], plot:
         f"| accuracy after | 89.80% | {acc(hsc)} | {acc(every)} |",
         f"| measured CPU speed-up, batch 1 / 32 | 1.38× | {speed(hsc)} | {speed(every)} |",
         f"| same, channels_last (NHWC) model and input | | {speed(hsc, 'latency_cl')} | {speed(every, 'latency_cl')} |",
+        *([f"| same, ONNX Runtime (CPU, BatchNorm folded) | | {ort_cell(hsc, base)} | {ort_cell(every, base)} |"]
+          if _has_ort(rows) else []),
         "",
         "The paper's AlexNet-based model costs 8.21 GFLOPs; ours is a width-0.5 AlexNet at 128 px "
         f"({2 * base['macs'] / 1e9:.3f} GFLOPs) trained from scratch on the de-duplicated brain-mri-128 "
