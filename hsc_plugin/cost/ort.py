@@ -6,6 +6,7 @@ so a latency budget stated for ORT must be measured in ORT.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import statistics
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from hsc_plugin.cost.timing import DISTURBED_IQR, summarise
+from hsc_plugin.cost.timing import DISTURBED_IQR, round_robin
 
 __all__ = ["ort_available", "export_onnx", "ort_session", "ort_latency_ms", "ort_interleaved"]
 
@@ -145,12 +146,7 @@ def ort_interleaved(
     out: dict[int, dict[str, dict[str, Any]]] = {}
     for batch in batches:
         feed = {"x": torch.randn(batch, *input_shape).numpy()}
-        times: dict[str, list[float]] = {n: [] for n in sessions}
-        for i in range(warmup + runs):
-            for n, s in sessions.items():
-                t0 = timer()
-                s.run(None, feed)
-                if i >= warmup:
-                    times[n].append((timer() - t0) * 1e3)
-        out[batch] = {n: {**summarise(t, max_iqr), "exporter": exporters[n]} for n, t in times.items()}
+        calls = {n: functools.partial(s.run, None, feed) for n, s in sessions.items()}
+        res = round_robin(calls, runs=runs, warmup=warmup, max_iqr=max_iqr, timer=timer)
+        out[batch] = {n: {**t, "exporter": exporters[n]} for n, t in res.items()}
     return out

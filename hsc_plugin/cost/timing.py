@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "measure_interleaved", "summarise", "speedup_text", "num_threads"]
+__all__ = ["measure_latency", "measure_interleaved", "round_robin", "summarise", "speedup_text", "num_threads"]
 
 
 @contextmanager
@@ -108,22 +109,32 @@ def measure_interleaved(
             xs[name] = xs[name].contiguous(memory_format=torch.channels_last)
     if channels_last:
         models = {n: copy.deepcopy(m).to(memory_format=torch.channels_last) for n, m in models.items()}
-    times: dict[str, list[float]] = {n: [] for n in models}
     modes = {n: m.training for n, m in models.items()}
     try:
         with num_threads(threads):
             for n, m in models.items():
                 m.eval()
-            for i in range(warmup + runs):
-                for n, m in models.items():
-                    t0 = timer()
-                    m(xs[n])
-                    dt = (timer() - t0) * 1e3
-                    if i >= warmup:
-                        times[n].append(dt)
+            return round_robin({n: functools.partial(m, xs[n]) for n, m in models.items()}, runs=runs,
+                               warmup=warmup, max_iqr=max_iqr, timer=timer)
     finally:
         for n, m in models.items():
             m.train(modes[n])
+
+
+def round_robin(calls: Mapping[str, Callable[[], Any]], *, runs: int, warmup: int,
+                max_iqr: float = DISTURBED_IQR,
+                timer: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float | bool]]:
+    """Call each of ``calls`` in turn (A, B, A, B, ...) ``warmup + runs`` times and :func:`summarise`
+    the last ``runs`` times of each: the one timing loop of every interleaved measurement (torch
+    models here, ONNX Runtime sessions in :mod:`hsc_plugin.cost.ort`)."""
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for i in range(warmup + runs):
+        for n, call in calls.items():
+            t0 = timer()
+            call()
+            dt = (timer() - t0) * 1e3
+            if i >= warmup:
+                times[n].append(dt)
     return {n: summarise(t, max_iqr) for n, t in times.items()}
 
 
