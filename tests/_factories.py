@@ -26,6 +26,32 @@ def tiny_cnn() -> nn.Module:
     )
 
 
+def wide_cnn() -> nn.Module:
+    """Three 64-channel 3×3 convs and a small head (seeded): layers large enough that the fake
+    devices of the latency-budget tests see factorisation pay."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
+    ).eval()
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Seeded, far-from-identity BatchNorm statistics and affine parameters (in place, eval mode):
+    a fold that drops or mis-scales any of the four shows in the outputs."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g))
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+    return model.eval()
+
+
 # -- the execution forms built from a dense conv, for tests of forms no compressor produces yet -----
 
 def quadtree_tiling() -> "Tiling":

@@ -11,35 +11,23 @@ from torch import nn
 from hsc_plugin import Budget, compress, fold_bn
 from hsc_plugin.mri import alexnet_mri
 
-from _factories import FORMS, factorise_convs, tiny_cnn
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model.eval()
+from _factories import FORMS, factorise_convs, randomise_bn, tiny_cnn
 
 
 def _small() -> nn.Module:
-    return _randomise_bn(tiny_cnn())
+    return randomise_bn(tiny_cnn())
 
 
 def _alexnet() -> nn.Module:
     torch.manual_seed(0)
     m = alexnet_mri(width=0.25, input_size=64)
-    return _randomise_bn(m)
+    return randomise_bn(m)
 
 
 def _resnet18() -> nn.Module:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return _randomise_bn(timm.create_model("resnet18", pretrained=False, num_classes=4))
+    return randomise_bn(timm.create_model("resnet18", pretrained=False, num_classes=4))
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {

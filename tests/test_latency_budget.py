@@ -14,6 +14,7 @@ from torch import nn
 
 from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
 
+from _factories import wide_cnn
 from conftest import assert_unchanged, snapshot
 
 LAUNCH_MS = 0.02
@@ -34,18 +35,8 @@ class FakeDevice(LatencyCostModel):
         return launches * LAUNCH_MS + macs * MS_PER_MAC * self.batch
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
-    ).eval()
-
-
 def test_latency_ratio_budget_is_met_as_predicted_and_reported() -> None:
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     snap = snapshot(model)
     dev = FakeDevice()
     res = compress(model, "global_svd", calib=x, budget=Budget(1.8, metric="latency"), data_aware=True,
@@ -64,7 +55,7 @@ def test_latency_ratio_budget_is_met_as_predicted_and_reported() -> None:
 
 def test_layers_that_do_not_pay_in_time_stay_dense() -> None:
     """Linear layers are launch-bound on the fake device: two launches never beat one."""
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     res = compress(model, "global_svd", calib=x, budget=Budget(1.5, metric="latency"), data_aware=True,
                    cost_model=FakeDevice(), progress=False)
     layers = {L.name: L for L in res.report.layers}
@@ -77,7 +68,7 @@ def test_layers_that_do_not_pay_in_time_stay_dense() -> None:
 
 
 def test_budget_in_milliseconds_is_a_ceiling() -> None:
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     dev = FakeDevice()
     before = dev.time(model, (3, 24, 24))
     ms = 0.55 * before
@@ -88,7 +79,7 @@ def test_budget_in_milliseconds_is_a_ceiling() -> None:
 
 @pytest.mark.parametrize("method", ["global_svd", "tucker2", "hsc"])
 def test_every_compressor_takes_a_latency_budget(method: str) -> None:
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     res = compress(model, method, calib=x, budget="latency=1.6x", cost_model=FakeDevice(), progress=False)
     assert res.report.budget_met
     with torch.no_grad():
@@ -96,7 +87,7 @@ def test_every_compressor_takes_a_latency_budget(method: str) -> None:
 
 
 def test_impossible_latency_budget_is_explained_and_model_untouched() -> None:
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     snap = snapshot(model)
     with pytest.raises(BudgetError, match="Cannot reach 20x lower latency"):
         compress(model, "global_svd", calib=x, budget=Budget(20.0, metric="latency"), cost_model=FakeDevice(),
@@ -113,7 +104,7 @@ def test_cost_model_curve_is_monotone_in_macs() -> None:
             t = super().time(module, input_shape)
             return t * (0.5 if self.calls % 2 else 1.0)  # every other timing "got lucky"
 
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     res = compress(model, "global_svd", calib=x, budget=Budget(1.5, metric="latency"), cost_model=Noisy(),
                    progress=False)
     for layer in res.report.latency["layers"].values():
@@ -132,7 +123,7 @@ def test_latency_budget_parsing_and_validation() -> None:
     with pytest.raises(ValueError, match="latency budget"):
         Budget(ms=2.0, metric="params")
     with pytest.raises(TypeError, match="cost_model"):
-        compress(_model(), "global_svd", budget=Budget(2.0, metric="latency"), cost_model="fast",
+        compress(wide_cnn(), "global_svd", budget=Budget(2.0, metric="latency"), cost_model="fast",
                  example_input=torch.randn(1, 3, 24, 24))
 
 
@@ -188,7 +179,7 @@ def test_hsc_splits_into_regions_only_where_measured_time_pays(side: str) -> Non
 
 
 def test_hsc_alternatives_off_keeps_the_partitioners_form_and_mac_budgets_never_time() -> None:
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     fixed = compress(model, "hsc", calib=x, budget=Budget(1.3, metric="latency"), cost_model=FakeDevice(),
                      alternatives=False, progress=False)
     assert all(f.startswith("4 regions") for n, f in _forms(fixed).items() if n in ("2", "4"))
@@ -245,7 +236,7 @@ def test_channels_last_cost_model_times_a_copy_in_nhwc() -> None:
 def test_a_budget_met_only_at_minimum_ranks_warns_and_says_so() -> None:
     """Asking for nearly all a device can give leaves layers at rank 1: the budget is met, but the
     user is told which layers were floored instead of finding out from the accuracy."""
-    model, x = _model(), torch.randn(8, 3, 24, 24)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
     with pytest.warns(UserWarning, match="minimum rank"):
         res = compress(model, "global_svd", calib=x, budget=Budget(30.0, scope="targets", tolerance=0.9),
                        data_aware=True, progress=False)

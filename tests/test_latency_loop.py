@@ -16,6 +16,7 @@ import hsc_plugin.pipeline as pipeline
 from hsc_plugin import Budget, BudgetError, LatencyCostModel, compress, measure_costs
 from hsc_plugin.latency_loop import WINDOW
 
+from _factories import wide_cnn
 from conftest import assert_unchanged, snapshot
 
 RATE = 1e-7  # ms per MAC
@@ -53,16 +54,6 @@ def slow_in_model() -> Skewed:
     return Skewed(alone=2.0, overhead=0.5)
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10),
-    ).eval()
-
-
 X = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))
 SHAPE = (3, 24, 24)
 
@@ -79,7 +70,7 @@ def _ranks(res) -> dict[str, dict[str, int]]:
 @pytest.mark.parametrize("device, ratio, misses", [(fast_in_model, 2.0, "over"), (slow_in_model, 1.6, "under")])
 @pytest.mark.parametrize("method", ["global_svd", "tucker2"])
 def test_closed_loop_lands_where_the_open_loop_misses(device, ratio: float, misses: str, method: str) -> None:
-    model = _model()
+    model = wide_cnn()
     snap = snapshot(model)
     budget = Budget(ratio, metric="latency")
     opened = compress(model, method, calib=X, budget=budget, cost_model=device(), latency_rounds=0, progress=False)
@@ -113,7 +104,7 @@ def test_closed_loop_lands_where_the_open_loop_misses(device, ratio: float, miss
 
 def test_too_fast_gives_accuracy_back() -> None:
     """Overshooting rounds are less accurate: the kept round has more rank (less predicted error)."""
-    res = compress(_model(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), cost_model=fast_in_model(),
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), cost_model=fast_in_model(),
                    progress=False)
     rounds = res.report.latency["rounds"]
     assert rounds[0]["speedup"] > WINDOW * 2.0 and rounds[-1]["error"] < rounds[0]["error"]
@@ -121,9 +112,9 @@ def test_too_fast_gives_accuracy_back() -> None:
 
 def test_milliseconds_budget_lands_under_its_ceiling() -> None:
     dev = slow_in_model()
-    before = dev.time(_model(), SHAPE)
+    before = dev.time(wide_cnn(), SHAPE)
     ms = before / 1.6
-    res = compress(_model(), "global_svd", calib=X, budget=Budget(ms=ms), cost_model=dev, progress=False)
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(ms=ms), cost_model=dev, progress=False)
     after = res.report.latency["after_ms"]
     assert ms / WINDOW <= after <= ms
     assert res.report.budget_met
@@ -141,7 +132,7 @@ def test_every_candidate_allocation_meets_the_budget_as_measured(monkeypatch) ->
     monkeypatch.setattr(pipeline, "select", spy)
     dev = slow_in_model()
     ratio = 1.6
-    res = compress(_model(), "hsc", calib=X, budget=Budget(ratio, metric="latency"), cost_model=dev, progress=False)
+    res = compress(wide_cnn(), "hsc", calib=X, budget=Budget(ratio, metric="latency"), cost_model=dev, progress=False)
     before = res.report.latency["before_ms"]
     assert len(seen) >= 3
     for name, alloc in seen.items():
@@ -153,7 +144,7 @@ def test_every_candidate_allocation_meets_the_budget_as_measured(monkeypatch) ->
 def test_unreachable_as_measured_is_a_budget_error_with_both_numbers_and_model_untouched() -> None:
     """A per-model overhead larger than the budget's ceiling: predicted to fit (the open loop takes
     it), measured never (the closed loop refuses, saying what was asked and what was measured)."""
-    model = _model()
+    model = wide_cnn()
     snap = snapshot(model)
     budget = Budget(3.0, metric="latency")
     opened = compress(model, "global_svd", calib=X, budget=budget, progress=False, latency_rounds=0,
@@ -174,7 +165,7 @@ def test_open_loop_measures_nothing_more() -> None:
     """latency_rounds=0 is the per-layer prediction alone: no rounds, no extra whole-model timing,
     the budget judged as predicted."""
     dev = slow_in_model()
-    res = compress(_model(), "global_svd", calib=X, budget=Budget(1.6, metric="latency"), cost_model=dev,
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(1.6, metric="latency"), cost_model=dev,
                    latency_rounds=0, progress=False)
     lat = res.report.latency
     assert "rounds" not in lat and "closed loop" not in res.report.table()
@@ -185,7 +176,7 @@ def test_open_loop_measures_nothing_more() -> None:
 def test_an_exact_prediction_takes_one_round() -> None:
     """On an additive device the first allocation already lands: nothing is re-aimed."""
     dev = Skewed()
-    res = compress(_model(), "global_svd", calib=X, budget=Budget(1.8, metric="latency"), cost_model=dev,
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(1.8, metric="latency"), cost_model=dev,
                    progress=False)
     rounds = res.report.latency["rounds"]
     assert len(rounds) == 1 and rounds[0]["kept"]
@@ -196,12 +187,12 @@ def test_an_exact_prediction_takes_one_round() -> None:
 def test_mac_and_param_budgets_and_target_scope_are_untouched() -> None:
     for budget in (Budget(2.0), Budget(2.0, metric="params")):
         dev = Skewed()
-        a = compress(_model(), "global_svd", calib=X, budget=budget, cost_model=dev, progress=False)
-        b = compress(_model(), "global_svd", calib=X, budget=budget, cost_model=dev, latency_rounds=0, progress=False)
+        a = compress(wide_cnn(), "global_svd", calib=X, budget=budget, cost_model=dev, progress=False)
+        b = compress(wide_cnn(), "global_svd", calib=X, budget=budget, cost_model=dev, latency_rounds=0, progress=False)
         assert _ranks(a) == _ranks(b) and a.report.latency is None and dev.whole == 0
     targets = Budget(1.6, metric="latency", scope="targets")
-    a = compress(_model(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), progress=False)
-    b = compress(_model(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), latency_rounds=0,
+    a = compress(wide_cnn(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), progress=False)
+    b = compress(wide_cnn(), "global_svd", calib=X, budget=targets, cost_model=slow_in_model(), latency_rounds=0,
                  progress=False)
     assert _ranks(a) == _ranks(b) and "rounds" not in a.report.latency  # the whole model does not measure targets
 
@@ -209,4 +200,4 @@ def test_mac_and_param_budgets_and_target_scope_are_untouched() -> None:
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
 def test_latency_rounds_is_validated(bad) -> None:
     with pytest.raises(ValueError, match="latency_rounds"):
-        compress(_model(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), latency_rounds=bad)
+        compress(wide_cnn(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), latency_rounds=bad)

@@ -17,24 +17,14 @@ from hsc_plugin.mri import alexnet_mri, bundled_sample_path, load_split, paper_r
 from hsc_plugin.mri.experiment import ORT_BATCHES, Setting, ort_columns, run_comparison
 from hsc_plugin.mri.report import markdown_table, results_markdown, save_json, text_table
 
+from _factories import randomise_bn
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model.eval()
 
 
 def _small(method: str, **opts) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    dense = _randomise_bn(alexnet_mri(width=0.25, input_size=32))
+    dense = randomise_bn(alexnet_mri(width=0.25, input_size=32))
     calib = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     return dense, compress(dense, method, calib=calib, budget=Budget(3.0), progress=False, **opts).model.eval()
 
@@ -79,7 +69,7 @@ def test_comparison_with_and_without_the_ort_column() -> None:
     pytest.importorskip("onnxruntime")
     train = load_split(bundled_sample_path(), "train", 32, max_per_class=3)
     test = load_split(bundled_sample_path(), "test", 32, max_per_class=2)
-    model = _randomise_bn(alexnet_mri(width=0.25, input_size=32))
+    model = randomise_bn(alexnet_mri(width=0.25, input_size=32))
     kw = dict(settings=(Setting("svd", "global_svd", {"data_aware": True}),), ratios=(3.0,), n_calib=8,
               latency_runs=2, n_boot=20, progress=False, log=lambda s: None)
     rows = run_comparison(model, train, test, ort=True, **kw)
