@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -111,6 +111,19 @@ class LayerInfo:
     calls: int = 1
     macs: int = 0  # the dense layer's MACs per sample and parameters, as the pipeline counted them
     params: int = 0
+    _derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per layer and shared by every plan of the layer (a layer has
+        up to a dozen forms; on VGG's 4096×512×7×7 classifier conv each float64 copy of the weight
+        is 800 MB and each Gram eigen-decomposition seconds)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
+
+    def weight64(self) -> torch.Tensor:
+        """The layer's weight in float64 (one copy per layer, see :meth:`derived`)."""
+        return self.derived("weight64", lambda: self.module.weight.detach().double())
 
     def dense_cost(self) -> dict[str, float]:
         """The dense layer's cost in every counted metric."""

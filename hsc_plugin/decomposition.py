@@ -22,6 +22,8 @@ __all__ = [
     "factor_eig_desc",
     "sqrtm_psd",
     "tucker2",
+    "Tucker2Bases",
+    "mode_gram",
     "evbmf_rank",
     "Moment",
     "robust_svd",
@@ -96,10 +98,26 @@ class Moment:
 
     def __init__(self, matrix: torch.Tensor | None = None, factor: torch.Tensor | None = None) -> None:
         self.matrix, self.factor = matrix, factor
+        self._eig: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues descending and their eigenvectors (only the possibly non-zero ones for a factor)."""
-        return sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
+        """Eigenvalues descending and their eigenvectors (only the possibly non-zero ones for a factor).
+
+        Computed once: every form of a layer that factorises this moment (SVD and Tucker-2 blocks,
+        whole-map plans) shares it — on a 4096-channel layer each eigh is seconds."""
+        if self._eig is None:
+            self._eig = sym_eig_desc(self.matrix) if self.factor is None else factor_eig_desc(self.factor)
+        return self._eig
+
+    def complete_eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All C eigenpairs. A thin factor's D eigenvectors are completed by an orthonormal basis of
+        their complement (eigenvalue 0) from one complete QR — O(C²D), not a C×C eigh."""
+        evals, U = self.eig()
+        C, D = U.shape
+        if self.factor is None or D >= C:
+            return evals, U
+        rest = torch.linalg.qr(U, mode="complete")[0][:, D:]
+        return torch.cat([evals, evals.new_zeros(C - D)]), torch.cat([U, rest], 1)
 
     def full(self) -> torch.Tensor:
         """The moment as a matrix."""
@@ -145,6 +163,93 @@ def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
 
 
+def mode_gram(W: torch.Tensor, mode: int) -> torch.Tensor:
+    """``W_(mode) W_(mode)ᵀ`` of a conv weight (Co×Ci×kh×kw) in float64, without copying the
+    unfolding: the mode-1 unfolding of a 4096×512×7×7 layer is an 800 MB copy in float64."""
+    Wd = W.double()
+    if mode == 0:
+        A = Wd.reshape(Wd.shape[0], -1)
+        return A @ A.T
+    return torch.einsum("oikl,ojkl->ij", Wd, Wd)
+
+
+def _top_left_vectors(A: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` left singular vectors of ``A`` from the smaller Gram matrix's eigenvectors.
+
+    For a tall ``A`` (m > n, as HOOI's projected unfoldings of layers with many outputs are) the
+    n×n Gram ``AᵀA`` gives ``U = A V diag(1/s)``; it is used when its ``k`` singular values are
+    clearly non-zero, otherwise the m×m Gram (whose extra eigenvectors span the null space)."""
+    m, n = A.shape
+    if m > n and k <= n:
+        evals, V = sym_eig_desc(A.T @ A)
+        s = evals[:k].sqrt()
+        if k == 0 or float(s[-1]) > 1e-10 * float(s[0]):
+            U = (A @ V[:, :k]) / s
+            # One re-orthonormalisation step removes the rounding the division amplifies.
+            Q, R = torch.linalg.qr(U)
+            return Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)
+    return sym_eig_desc(A @ A.T)[1][:, :k]
+
+
+class Tucker2Bases:
+    """Everything about one weight's Tucker-2 that does not depend on the ranks, computed once.
+
+    Data-aware (either moment given): the output factor's candidates are the output second
+    moment's eigenvectors (reduced-rank regression), the input factor's the left singular vectors
+    of ``Σ_in^{1/2} W_(1)`` (input whitening), taken from the eigen-decomposition of the small
+    Ci×Ci matrix ``Σ^{1/2} W_(1) W_(1)ᵀ Σ^{1/2}`` — the unfolding itself (Ci × Co·k²) is never
+    formed or decomposed. Any pair of ranks is then a slice and one contraction
+    (:meth:`factors`). Data-free: the modes' spectra, and the HOOI start (the mode-1 factor);
+    HOOI itself depends on the ranks and runs in :meth:`factors`.
+
+    ``S_out`` may be a :class:`Moment`, whose (cached) eigen-decomposition is then shared with the
+    other forms that use it; ``gram_eig``, the eigen-decomposition of ``W_(0) W_(0)ᵀ`` when the caller
+    already has it (without ``S_out``). ``energies_out`` / ``energies_in``: squared singular values of the (whitened) unfoldings,
+    descending — what the rank selectors water-fill.
+    """
+
+    def __init__(self, W: torch.Tensor, S_out: "torch.Tensor | Moment | None" = None,
+                 S_in: torch.Tensor | None = None, *, n_iter: int = 3,
+                 gram_eig: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.W = W.double()
+        self.data_free = S_out is None and S_in is None
+        self.n_iter = n_iter
+        self._hooi: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        G1 = mode_gram(self.W, 1)
+        if S_in is not None:
+            # Scale the moment to unit mean eigenvalue: the kept directions do not change, but the
+            # first 1×1 (∝ Σ^-½) and the core (∝ Σ^½) get comparable magnitudes. Raw sums over
+            # 10⁵ pixels made them differ by 10⁵×, and fine-tuning with Adam then wrecked the model.
+            scale = S_in.shape[0] / float(S_in.double().trace().clamp_min(1e-30))
+            root, inv_root = sqrtm_psd(S_in.double() * scale)
+            ei, E = sym_eig_desc(root @ G1 @ root)
+            self.energies_in = ei / scale  # the spectrum of the unscaled whitened unfolding
+            self.proj_in, self.lift_in = inv_root @ E, root @ E  # z = proj_inᵀ x, x̂ = lift_in z
+        else:
+            self.energies_in, E = sym_eig_desc(G1)
+            self.proj_in = self.lift_in = E
+        if isinstance(S_out, Moment):
+            self.energies_out, self.U_out = S_out.eig()[0], S_out.complete_eig()[1]
+        elif S_out is not None:
+            self.energies_out, self.U_out = rrr_basis(S_out)
+        else:
+            self.energies_out, self.U_out = gram_eig if gram_eig is not None else sym_eig_desc(mode_gram(self.W, 0))
+
+    def factors(self, rank_out: int, rank_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U_out: Co×R_out, core: R_out×R_in×kh×kw, V_in: Ci×R_in)`` at these ranks."""
+        if self.data_free and self.n_iter > 0:
+            # HOOI depends on the ranks; candidate allocations often ask for the same pair again.
+            key = (int(rank_out), int(rank_in))
+            if key not in self._hooi:
+                if len(self._hooi) >= 4:
+                    self._hooi.pop(next(iter(self._hooi)))
+                self._hooi[key] = _hooi2(self.W, rank_out, rank_in, self.n_iter, V=self.proj_in[:, :rank_in])
+            return self._hooi[key]
+        U_out, lift_in = self.U_out[:, :rank_out], self.lift_in[:, :rank_in]
+        core = torch.einsum("oikl,or,is->rskl", self.W, U_out, lift_in)
+        return U_out, core, self.proj_in[:, :rank_in]
+
+
 def tucker2(
     W: torch.Tensor,
     rank_out: int,
@@ -162,58 +267,39 @@ def tucker2(
 
     Data-free (the literature's default): HOSVD initialisation refined by ``n_iter`` HOOI sweeps
     over modes 0 and 1. ``backend="gram"`` takes each mode's factor from the eigenvectors of the
-    small C×C Gram matrix of its unfolding (fast, float64); ``backend="tensorly"`` runs TensorLy's
+    small Gram matrix of its unfolding (fast, float64); ``backend="tensorly"`` runs TensorLy's
     ``partial_tucker`` on the torch backend (same algorithm, full SVDs of the wide unfoldings:
     about 10× slower on ResNet-sized layers). Data-aware when second moments are
     given: the output factor comes from the output second moment (reduced-rank regression) and
     the input factor from the SVD of ``Σ_in^{1/2} W_(1)`` (input whitening), so the kept factors
-    minimise the output error on the calibration data instead of the weight error.
+    minimise the output error on the calibration data instead of the weight error. To factorise
+    one weight at several ranks, build :class:`Tucker2Bases` once and call its ``factors``.
     """
-    Wd = W.double()
-    if S_out is None and S_in is None:
-        if backend == "tensorly":
-            import tensorly as tl
-            from tensorly.decomposition import partial_tucker
+    if S_out is None and S_in is None and backend == "tensorly":
+        import tensorly as tl
+        from tensorly.decomposition import partial_tucker
 
-            with tl.backend_context("pytorch"):
-                (core, factors), _ = partial_tucker(
-                    Wd, rank=[rank_out, rank_in], modes=[0, 1], init="svd", n_iter_max=n_iter, tol=1e-8
-                )
-            return factors[0], core, factors[1]
-        return _hooi2(Wd, rank_out, rank_in, n_iter)
-    # Data-aware path.
-    if S_in is not None:
-        # Scale the moment to unit mean eigenvalue: the kept directions do not change, but the
-        # first 1×1 (∝ Σ^-½) and the core (∝ Σ^½) get comparable magnitudes. Raw sums over
-        # 10⁵ pixels made them differ by 10⁵×, and fine-tuning with Adam then wrecked the model.
-        S_in = S_in * (S_in.shape[0] / S_in.trace().clamp_min(1e-30))
-        root, inv_root = sqrtm_psd(S_in)
-        E, _, _ = truncated_svd(root @ _unfold(Wd, 1), rank_in)
-        proj_in = inv_root @ E  # Ci×R_in: z = proj_inᵀ x
-        lift_in = root @ E  # Ci×R_in: x̂ = lift_in z
-    else:
-        E, _, _ = truncated_svd(_unfold(Wd, 1), rank_in)
-        proj_in = lift_in = E
-    if S_out is not None:
-        _, evecs = rrr_basis(S_out)
-        U_out = evecs[:, :rank_out]
-    else:
-        U_out, _, _ = truncated_svd(_unfold(Wd, 0), rank_out)
-    core = torch.einsum("oikl,or,is->rskl", Wd, U_out, lift_in)
-    return U_out, core, proj_in
+        with tl.backend_context("pytorch"):
+            (core, factors), _ = partial_tucker(
+                W.double(), rank=[rank_out, rank_in], modes=[0, 1], init="svd", n_iter_max=n_iter, tol=1e-8
+            )
+        return factors[0], core, factors[1]
+    return Tucker2Bases(W, S_out, S_in, n_iter=n_iter).factors(rank_out, rank_in)
 
 
-def _top_eigvecs_of_gram(A: torch.Tensor, k: int) -> torch.Tensor:
-    return sym_eig_desc(A @ A.T)[1][:, :k]
+def _hooi2(W: torch.Tensor, rank_out: int, rank_in: int, n_iter: int,
+           V: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial Tucker over modes 0 and 1 by HOOI, every factor from a Gram eigen-decomposition.
 
-
-def _hooi2(W: torch.Tensor, rank_out: int, rank_in: int, n_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial Tucker over modes 0 and 1 by HOOI, every factor from a Gram eigen-decomposition."""
-    U = _top_eigvecs_of_gram(_unfold(W, 0), rank_out)
-    V = _top_eigvecs_of_gram(_unfold(W, 1), rank_in)
+    Starts from the mode-1 HOSVD factor ``V`` (given, or computed); the mode-0 HOSVD factor is
+    computed only without sweeps (each sweep recomputes it from ``V`` first)."""
+    if V is None:
+        V = sym_eig_desc(mode_gram(W, 1))[1][:, :rank_in]
+    if n_iter < 1:
+        U = sym_eig_desc(mode_gram(W, 0))[1][:, :rank_out]
     for _ in range(n_iter):
-        U = _top_eigvecs_of_gram(_unfold(torch.einsum("oikl,is->oskl", W, V), 0), rank_out)
-        V = _top_eigvecs_of_gram(_unfold(torch.einsum("oikl,or->rikl", W, U), 1), rank_in)
+        U = _top_left_vectors(_unfold(torch.einsum("oikl,is->oskl", W, V), 0), rank_out)
+        V = _top_left_vectors(_unfold(torch.einsum("oikl,or->rikl", W, U), 1), rank_in)
     core = torch.einsum("oikl,or,is->rskl", W, U, V)
     return U, core, V
 
@@ -232,7 +318,7 @@ def evbmf_rank(Y: torch.Tensor, sigma2: float | None = None) -> int:
     if Y.shape[0] > Y.shape[1]:
         Y = Y.T
     L, M = Y.shape
-    s = robust_svd(Y)[1].cpu().numpy()
+    s = sq_singular_values(Y).sqrt().cpu().numpy()
     alpha = L / M
     tauubar = 2.5129 * math.sqrt(alpha)
     if sigma2 is None:

@@ -66,7 +66,13 @@ class RankBlock:
     label: str = ""
     min_rank: int = 1
     step: int = 1
-    matrix: torch.Tensor | None = None  # the matrix whose spectrum this is (for VBMF)
+    # The matrix whose spectrum this is (for VBMF), or a function that makes it: a mode-1
+    # unfolding is a copy of the weight, made only if a selector asks for it.
+    matrix: torch.Tensor | Callable[[], torch.Tensor] | None = None
+
+    def the_matrix(self) -> torch.Tensor | None:
+        """``matrix``, made now if it was given as a function."""
+        return self.matrix() if callable(self.matrix) else self.matrix
 
     def __post_init__(self) -> None:
         self.energies = np.clip(np.asarray(self.energies, dtype=np.float64).reshape(-1), 0.0, None)

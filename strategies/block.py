@@ -9,11 +9,9 @@ region and one cluster they are data-aware Global SVD and data-aware Tucker-2, f
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from hsc_plugin.decomposition import sq_singular_values, sqrtm_psd, tucker2
+from hsc_plugin.decomposition import Tucker2Bases
 from hsc_plugin.plan import RankBlock
 from hsc_plugin.registry import hookimpl
 from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors
@@ -53,16 +51,11 @@ class Tucker2Factors(BlockFactors):
 
     def __init__(self, block: Block) -> None:
         W = block.weight
-        self.weight = W
-        self.S_out = block.output.full()
-        self.S_in = block.inputs
+        # The moments' eigen-decompositions and the whitening, once: factors() at any ranks
+        # is then a slice and a contraction.
+        self.bases = Tucker2Bases(W, block.output, block.inputs)
         kk = W.shape[2] * W.shape[3]
-        e_out = block.output.eig()[0]  # as the Tucker-2 compressor takes them (rrr_basis)
-        if self.S_in is not None:
-            root, _ = sqrtm_psd(self.S_in)
-            e_in = sq_singular_values(root @ _unfold(W, 1))
-        else:
-            e_in = sq_singular_values(_unfold(W, 1))
+        e_out, e_in = self.bases.energies_out, self.bases.energies_in
         e_out, e_in = e_out[: min(W.shape[0], W.shape[1] * kk)], e_in[: min(W.shape[1], W.shape[0] * kk)]
         self.energy = float(e_out.sum())  # the block's output energy (what "retained" is a share of)
         super().__init__([RankBlock(e_out.cpu().numpy(), label=f"{block.label}out", min_rank=0),
@@ -73,10 +66,7 @@ class Tucker2Factors(BlockFactors):
         return float(self.total * fractions[0] * fractions[1])
 
     def factors(self, ranks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r_out, r_in = ranks
-        with warnings.catch_warnings():  # TensorLy warns when a rank exceeds a small unfolding
-            warnings.simplefilter("ignore", UserWarning)
-            U_out, core, V_in = tucker2(self.weight, r_out, r_in, S_out=self.S_out, S_in=self.S_in)
+        U_out, core, V_in = self.bases.factors(*ranks)
         return V_in.T, core, U_out
 
 

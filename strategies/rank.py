@@ -83,7 +83,7 @@ class VBMFSelector(RankSelector):
                         f"Rank selector 'vbmf' needs each block's matrix, which layer {plan.name!r} "
                         "does not provide (use it with data-free Global SVD or Tucker-2)"
                     )
-                ranks.append(b.round(max(1, evbmf_rank(b.matrix))))
+                ranks.append(b.round(max(1, evbmf_rank(b.the_matrix()))))
             out.append(ranks)
         return out
 

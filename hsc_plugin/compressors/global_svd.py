@@ -7,7 +7,7 @@ from torch import nn
 
 from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
-from hsc_plugin.decomposition import rrr_basis
+from hsc_plugin.decomposition import Moment, rrr_basis
 from hsc_plugin.modules import LowRankConv2d, LowRankLinear, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
@@ -27,6 +27,11 @@ def group_blocks(S: torch.Tensor, groups: int) -> list[torch.Tensor]:
     return [S[g * n:(g + 1) * n, g * n:(g + 1) * n] for g in range(groups)]
 
 
+def _gram(M: torch.Tensor) -> torch.Tensor:
+    Md = M.double()
+    return Md @ Md.T
+
+
 class SVDPlan(LayerPlan):
     """Rank-r factorisation ``M_g ≈ B_g A_g`` per group with one shared rank (one block).
 
@@ -37,22 +42,29 @@ class SVDPlan(LayerPlan):
 
     family = "svd"
 
-    def __init__(self, info: LayerInfo, S: torch.Tensor | None, *, note: str = "", form: str = "") -> None:
+    def __init__(self, info: LayerInfo, S: torch.Tensor | Moment | None, *, note: str = "", form: str = "") -> None:
         module = info.module
         self.matrices = layer_matrices(module)
         self.groups = len(self.matrices)
-        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (basis, spectrum, coef)
+        # (basis, spectrum, matrix): the coefficients Pᵀ M are formed at build(), for the kept rows
+        # only (at full rank they were an extra float64 copy of the weight in every plan).
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         energies = None
         for g, M in enumerate(self.matrices):
-            Md = M.double()
             # Data-free SVD is the same projection with white inputs (S = M Mᵀ): the top
             # eigenvectors of M Mᵀ are M's left singular vectors, and eigh of the small C×C Gram
             # matrix is much faster than an SVD of the wide C×(C_in·k²) matrix.
-            Sg = Md @ Md.T if S is None else group_blocks(S, self.groups)[g]
-            evals, P = rrr_basis(Sg)
+            if isinstance(S, Moment) and self.groups == 1:
+                evals, P = S.complete_eig()  # shared with the layer's other forms
+            else:
+                S_t = S.full() if isinstance(S, Moment) else S
+                if S_t is None:  # shared with data-free Tucker-2 of the same layer (the mode-0 Gram)
+                    evals, P = info.derived(("gram_eig", g), lambda M=M: rrr_basis(_gram(M)))
+                else:
+                    evals, P = rrr_basis(group_blocks(S_t, self.groups)[g])
             k = min(M.shape)
             spectrum = evals[:k]
-            self.factors.append((P[:, :k], spectrum, P[:, :k].T @ Md))
+            self.factors.append((P[:, :k], spectrum, M))
             energies = spectrum.clone() if energies is None else energies + spectrum
         block = RankBlock(energies.cpu().numpy(), label="rank",
                           matrix=self.matrices[0] if self.groups == 1 and S is None else None)
@@ -77,7 +89,7 @@ class SVDPlan(LayerPlan):
         m = self.info.module
         W = m.weight
         kw = {"device": W.device, "dtype": W.dtype}
-        A = torch.cat([f[2][:r] for f in self.factors], 0)  # (g·r) × D
+        A = torch.cat([f[0][:, :r].T @ f[2].double() for f in self.factors], 0)  # (g·r) × D
         B = torch.cat([f[0][:, :r] for f in self.factors], 0)  # C_out × r (per group)
         if isinstance(m, nn.Linear):
             new = LowRankLinear(m.in_features, m.out_features, r, bias=m.bias is not None, **kw)

@@ -154,12 +154,17 @@ class HSC(Compressor):
         """Whether Tucker-2 is a form of its own here (a k×k conv; 1×1 convs and Linear are SVDs)."""
         return isinstance(info.module, nn.Conv2d) and info.module.kernel_size != (1, 1)
 
-    def _factorisers(self, competes: bool) -> list[BlockFactoriser]:
-        """The chosen block factoriser, and — when forms compete — every built-in one as well."""
+    def _factorisers(self, competes: bool, info: LayerInfo) -> list[BlockFactoriser]:
+        """The chosen block factoriser, and — when forms compete — every built-in one as well, except
+        Tucker-2 on a 1×1 conv: there it is an SVD with an extra 1×1 (the Tucker-2 compressor uses
+        the SVD there too), and each of its blocks would hold a C_out² basis (resnet50's 2048-channel
+        1×1s: 0.5 GB per layer)."""
         if not competes:
             return [self._block]
         out = [self._block]
         for name in ("svd", "tucker2"):
+            if name == "tucker2" and not self._tucker(info):
+                continue
             if name != self._block.name and name in available("block_factoriser"):
                 out.append(create("block_factoriser", name, BlockFactoriser))
         return out
@@ -228,12 +233,13 @@ class HSC(Compressor):
     def plan(self, info: LayerInfo, stats: list[Accumulator],
              context: PlanContext | None = None) -> LayerPlan | list[LayerPlan] | str:
         if not self._spatial(info):
-            svd = SVDPlan(info, stats[0].S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
+            S = Moment(matrix=stats[0].S)  # one eigen-decomposition for both forms
+            svd = SVDPlan(info, S, note="grouped conv / Linear: one region, one cluster (data-aware SVD)")
             if not self._competes(info, context):
                 return svd
             forms: list[LayerPlan] = [svd]
             if len(stats) > 1:
-                forms.append(Tucker2Plan(info, stats[0].S, stats[1].S, form="data-aware Tucker-2 (per group)"))
+                forms.append(Tucker2Plan(info, S, stats[1].S, form="data-aware Tucker-2 (per group)"))
             return forms + self._data_free(info)
         outs: CellStats = stats[0]  # type: ignore[assignment]
         ins = next((a for a in stats[1:] if isinstance(a, CellStats)), None)
@@ -241,7 +247,7 @@ class HSC(Compressor):
         competes = self._competes(info, context)
         tiling = contributions[0].tiling if contributions else self._partitioner.partition(outs)
         forms: list[LayerPlan] = []
-        for fac in self._factorisers(competes):
+        for fac in self._factorisers(competes, info):
             primary = self._clustered(info, tiling, fac, outs, ins, contributions[:1])
             if not competes:
                 return primary
@@ -253,9 +259,9 @@ class HSC(Compressor):
                     forms.append(self._clustered(info, Tiling.full(tiling.grid), fac, outs, ins, []))
                 if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters
                     forms.append(self._blocks(info, tiling, fac, outs, ins, None, "output"))
+        whole = Moment(matrix=outs.S.sum(dim=(0, 1)))  # one eigen-decomposition for every whole-map form
         if tiling.n_regions > 1:  # SVD's reduction on the whole map, a 1×1 per region
-            forms.append(RegionalSVDPlan(info, tiling, outs))
-        whole = outs.S.sum(dim=(0, 1))
+            forms.append(RegionalSVDPlan(info, tiling, outs, whole=whole))
         forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
         if info.module.kernel_size != (1, 1) and ins is not None:
             forms.append(Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2"))
@@ -280,15 +286,15 @@ class HSC(Compressor):
     def _blocks(self, info: LayerInfo, tiling: Tiling, fac: BlockFactoriser, outs: CellStats, ins: CellStats | None,
                 contributions: ClusterContributions | None, side: str, clustered: bool = False) -> HSCPlan:
         """An HSC plan: per region, its clusters' blocks factorised by ``fac``."""
-        W = info.module.weight.detach().double()
+        W = info.weight64()
         clusters, factors = [], []
         moments = contributions.moments() if contributions is not None else None
         for r, reg in enumerate(tiling.regions):
             S_in = ins.region(*reg) if ins is not None else None
             if contributions is not None:  # input clusters
                 cl = contributions.clusters[r]
-                blocks = [Block(W[:, idx], moments[r][c], S_in[idx][:, idx] if S_in is not None else None, f"r{r}c{c}")
-                          for c, idx in enumerate(cl)]
+                blocks = [Block(_columns(info, W, idx), moments[r][c], S_in[idx][:, idx] if S_in is not None else None,
+                                f"r{r}c{c}") for c, idx in enumerate(cl)]
             else:  # output clusters (one cluster: the whole region)
                 S = outs.region(*reg)
                 cl = self._cluster(S) if clustered else [list(range(S.shape[0]))]
@@ -297,3 +303,8 @@ class HSC(Compressor):
             factors.append([fac.factorise(b) for b in blocks])
         tied = self.balanced and side == "input" and factors[0][0].structure == "svd"
         return HSCPlan(info, tiling, side, clusters, factors, tied=tied)
+
+
+def _columns(info: LayerInfo, W: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``W[:, idx]``, one copy per layer and cluster (the block factorisers and forms share it)."""
+    return info.derived(("columns", tuple(idx)), lambda: W[:, idx])

@@ -41,7 +41,6 @@ class HSCPlan(LayerPlan):
         self.pixels = region_pixels(tiling, info.out_hw)
         self.crop_pixels = _crop_pixels(m, tiling, info)
         self.kk = m.kernel_size[0] * m.kernel_size[1]
-        self.W = m.weight.detach().double()
         blocks: list[RankBlock] = []
         self._offsets: list[list[int]] = []  # per region, per cluster: index of its first rank block
         for r, row in enumerate(factors):

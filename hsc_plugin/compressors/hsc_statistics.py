@@ -116,7 +116,10 @@ class ClusterContributions(Accumulator):
 
     def moments(self) -> list[list[Moment]]:
         """Per (region, cluster): the output second moment of the cluster's contribution, as the
-        matrix or — from a patch Gram — as a thin factor ``W_c G^½`` (same eigenvectors, cheaper)."""
+        matrix or — from a patch Gram — as a thin factor ``W_c G^½`` (same eigenvectors, cheaper).
+        Computed once, so the block factorisers that share a moment share its eigen-decomposition."""
+        if getattr(self, "_moments", None) is not None:
+            return self._moments
         W = self.module.weight.detach().double()
         out = []
         for cl, pr, gr in zip(self.clusters, self.patch, self.G):
@@ -129,6 +132,7 @@ class ClusterContributions(Accumulator):
                 else:
                     row.append(Moment(matrix=G))
             out.append(row)
+        self._moments: list[list[Moment]] | None = out
         return out
 
 

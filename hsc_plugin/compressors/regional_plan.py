@@ -19,7 +19,7 @@ from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
-from hsc_plugin.decomposition import rrr_basis
+from hsc_plugin.decomposition import Moment
 from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
@@ -53,14 +53,16 @@ class RegionalSVDPlan(LayerPlan):
 
     family = "hsc"
 
-    def __init__(self, info: LayerInfo, tiling: Tiling, cells: CellStats, form: str = "") -> None:
+    def __init__(self, info: LayerInfo, tiling: Tiling, cells: CellStats, form: str = "",
+                 whole: Moment | None = None) -> None:
         m: nn.Conv2d = info.module
         self.tiling = tiling
         self.pixels = region_pixels(tiling, info.out_hw)
         self.kk = m.kernel_size[0] * m.kernel_size[1]
-        self.W = m.weight.detach().double().reshape(m.out_channels, -1)
-        S = cells.S.sum(dim=(0, 1))
-        _, evecs = rrr_basis(S)
+        self.W = info.weight64().reshape(m.out_channels, -1)
+        whole = whole if whole is not None else Moment(matrix=cells.S.sum(dim=(0, 1)))  # the whole map's moment
+        S = whole.full()
+        _, evecs = whole.complete_eig()
         k = min(m.out_channels, self.W.shape[1])
         self.P = evecs[:, :k]
         energies = torch.zeros(k, dtype=torch.float64)

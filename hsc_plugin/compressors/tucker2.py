@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan, group_blocks
-from hsc_plugin.decomposition import rrr_basis, sq_singular_values, sqrtm_psd, tucker2
+from hsc_plugin.decomposition import Moment, Tucker2Bases, mode_gram, sym_eig_desc
 from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
@@ -31,31 +29,34 @@ class Tucker2Plan(LayerPlan):
 
     family = "tucker2"
 
-    def __init__(self, info: LayerInfo, S_out: torch.Tensor | None, S_in: torch.Tensor | None, *,
+    def __init__(self, info: LayerInfo, S_out: torch.Tensor | Moment | None, S_in: torch.Tensor | None, *,
                  form: str = "") -> None:
         m: nn.Conv2d = info.module
         self.groups = m.groups
-        W = m.weight.detach().double()
+        W = info.weight64()
         self.weights = list(W.chunk(self.groups, 0))
-        self.S_out = group_blocks(S_out, self.groups) if S_out is not None else [None] * self.groups
+        if isinstance(S_out, Moment):  # a Moment shares its eigen-decomposition with the layer's other forms
+            S_out = S_out if self.groups == 1 else S_out.full()
+        self.S_out = ([S_out] if isinstance(S_out, Moment) else group_blocks(S_out, self.groups) if S_out is not None
+                      else [None] * self.groups)
         self.S_in = group_blocks(S_in, self.groups) if S_in is not None else [None] * self.groups
+        # Each group's rank-free work (moment eigen-decompositions, whitening) is done once here:
+        # build() at any ranks is then a slice and a contraction (data-free: the HOOI sweeps).
+        self.bases = [Tucker2Bases(Wg, So, Si, gram_eig=None if So is not None else info.derived(
+                          ("gram_eig", g), lambda Wg=Wg: sym_eig_desc(mode_gram(Wg, 0))))
+                      for g, (Wg, So, Si) in enumerate(zip(self.weights, self.S_out, self.S_in))]
         e_out = e_in = None
-        for Wg, So, Si in zip(self.weights, self.S_out, self.S_in):
-            eo = rrr_basis(So)[0] if So is not None else sq_singular_values(_unfold(Wg, 0))
-            if Si is not None:
-                root, _ = sqrtm_psd(Si)
-                ei = sq_singular_values(root @ _unfold(Wg, 1))
-            else:
-                ei = sq_singular_values(_unfold(Wg, 1))
+        for Wg, b in zip(self.weights, self.bases):
             kk = Wg.shape[2] * Wg.shape[3]
             # A mode's rank is at most the other dimension of its unfolding.
-            eo, ei = eo[: min(Wg.shape[0], Wg.shape[1] * kk)], ei[: min(Wg.shape[1], Wg.shape[0] * kk)]
+            eo = b.energies_out[: min(Wg.shape[0], Wg.shape[1] * kk)]
+            ei = b.energies_in[: min(Wg.shape[1], Wg.shape[0] * kk)]
             e_out = eo if e_out is None else e_out + eo
             e_in = ei if e_in is None else e_in + ei
         data_free = S_out is None and self.groups == 1
         blocks = [
             RankBlock(e_out.cpu().numpy(), label="out", matrix=_unfold(self.weights[0], 0) if data_free else None),
-            RankBlock(e_in.cpu().numpy(), label="in", matrix=_unfold(self.weights[0], 1) if data_free else None),
+            RankBlock(e_in.cpu().numpy(), label="in", matrix=(lambda: _unfold(self.weights[0], 1)) if data_free else None),
         ]
         super().__init__(info, blocks, total_energy=1.0, form=form)
         if S_out is None and S_in is None:
@@ -93,10 +94,8 @@ class Tucker2Plan(LayerPlan):
         r_out, r_in = ranks
         m: nn.Conv2d = self.info.module
         firsts, cores, lasts = [], [], []
-        for Wg, So, Si in zip(self.weights, self.S_out, self.S_in):
-            with warnings.catch_warnings():  # TensorLy warns when a rank exceeds a small unfolding
-                warnings.simplefilter("ignore", UserWarning)
-                U_out, core, V_in = tucker2(Wg, r_out, r_in, S_out=So, S_in=Si)
+        for b in self.bases:
+            U_out, core, V_in = b.factors(r_out, r_in)
             firsts.append(V_in.T)
             cores.append(core)
             lasts.append(U_out)
