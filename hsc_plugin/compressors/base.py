@@ -76,7 +76,11 @@ class Compressor(ABC):
       compressed model's features towards the uncompressed layer's outputs, compensating earlier
       layers' errors (:mod:`hsc_plugin.refit`; per region and cluster for HSC's own module).
       ``selection_samples``: how many calibration samples recovery and the choice among candidate
-      allocations run on (the first ones; fewer is faster on large models).
+      allocations run on (the first ones; fewer is faster on large models). ``selection_gmacs``:
+      the work that stage may take, in GMACs of dense forward passes (default 2000, about a minute
+      on 2 CPU cores); above it the refit runs on the chosen candidate only, then not at all, and
+      the stage runs on fewer samples (:func:`hsc_plugin.selection.selection_plan`; a warning says
+      so). ``None``: no cap.
     """
 
     name: ClassVar[str]
@@ -108,6 +112,7 @@ class Compressor(ABC):
         bias_correction: bool = False,
         sequential_refit: bool = True,
         selection_samples: int = 256,
+        selection_gmacs: float | None = 2000.0,
     ) -> None:
         if rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {rank_multiple}")
@@ -140,6 +145,9 @@ class Compressor(ABC):
         if selection_samples < 1:
             raise ValueError(f"selection_samples must be >= 1, got {selection_samples}")
         self.selection_samples = int(selection_samples)
+        if selection_gmacs is not None and not selection_gmacs > 0:
+            raise ValueError(f"selection_gmacs must be > 0 (or None for no limit), got {selection_gmacs!r}")
+        self.selection_gmacs = None if selection_gmacs is None else float(selection_gmacs)
 
     # -- what subclasses implement ---------------------------------------------------------------
     # ``context`` is optional in every hook below: an implementation that does not name it is
