@@ -77,7 +77,8 @@ def child(label: str, images: int, threads: int, cap_gb: float) -> dict[str, Any
     try:
         res = compress(model, method, calib=calib, budget=Budget(3.0), progress=False, **opts)
         row.update(ok=True, achieved=res.report.achieved_ratio, macs_after=res.report.macs_after,
-                   macs_before=res.report.macs_before)
+                   macs_before=res.report.macs_before, allocation=res.report.allocation,
+                   selection=(res.report.recovery or {}).get("selection"))
     except (MemoryError, RuntimeError) as exc:  # the address-space cap: an allocation failed
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
                    where=traceback.extract_tb(exc.__traceback__)[-2:][0].name)
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         note = r.get("error", "")
         if "stats_estimate_gb" in r:
             note = (f"first-pass statistics ≈ {r['stats_estimate_gb']:.1f} GB (float64); " + note).strip("; ")
+        sel = r.get("selection")
+        if sel:  # how the recovery-and-choice stage ran within selection_gmacs
+            note = (f"allocation kept: {r.get('allocation')}; selection on {sel['samples']} of {sel['asked_samples']} "
+                    f"samples, refit {sel['refit']} (~{sel['gmacs']:.0f} GMACs); " + note).strip("; ")
         ach = f"{r['achieved']:.3f}x" if r.get("achieved") else "—"
         lines.append(f"| {r['method']} | {'yes' if r.get('ok') else 'no'} | {r['seconds']:.1f} | "
                      f"{r['peak_rss_gb']:.2f} | {r.get('rss_before_gb', float('nan')):.2f} | {ach} | {note} |")

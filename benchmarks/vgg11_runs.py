@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             res = compress(model, "hsc", calib=x, budget=Budget(1.5), progress=False)
         fallbacks = [str(w.message)[:80] for w in caught if "fallback" in str(w.message)]
         print(f"run {run}: ok, budget met {res.report.budget_met}, {time.perf_counter() - t0:.0f} s, "
-              f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB, "
+              f"process peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB, "
               f"allocation {res.report.allocation}, fallbacks {len(fallbacks)} {fallbacks[:1]}", flush=True)
     return 0
 

@@ -121,6 +121,10 @@ class LayerInfo:
             self._derived[key] = make()
         return self._derived[key]
 
+    def release(self) -> None:
+        """Drop what :meth:`derived` holds (plans that still use it keep their own references)."""
+        self._derived.clear()
+
     def weight64(self) -> torch.Tensor:
         """The layer's weight in float64 (one copy per layer, see :meth:`derived`)."""
         return self.derived("weight64", lambda: self.module.weight.detach().double())

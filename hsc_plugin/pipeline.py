@@ -94,7 +94,13 @@ def run(compressor: "Compressor", model: nn.Module, calib: Any = None, *, target
         candidates, latency = time_plans(compressor.name, compressor.progress, compressor.dense_fallback, cost_model,
                                          candidates, prep.work, prep.infos, prep.target_names, prep.example,
                                          prep.reports, prep.before)
-    chosen = select(compressor, prep, allocations(compressor, prep, candidates, latency, cost_model))
+    allocs = allocations(compressor, prep, candidates, latency, cost_model)
+    # Forms no allocation kept, and the layers' shared float64 weights and eigen-decompositions,
+    # are freed before the selection builds and runs models (resnet50: ~2 GB of plans).
+    del candidates
+    for info in prep.infos.values():
+        info.release()
+    chosen = select(compressor, prep, allocs)
     errors, after = measure(compressor, prep, chosen)
     report = build_report(compressor, prep, chosen, errors, after, n_samples, latency)
     check_budget(compressor.name, report, prep.budget, chosen.alloc.base_ref)
@@ -292,7 +298,13 @@ def measure(compressor: "Compressor", prep: Prepared, chosen: Selected) -> tuple
     chosen model executes."""
     errors: dict[str, float] = {}
     if prep.calib is not None and compressor.measure_error:
-        errors = measure_errors(prep.work, chosen.modules, prep.calib, desc=f"{compressor.name}: measuring error",
+        calib = prep.calib
+        stage = (chosen.recovery or {}).get("selection")
+        if stage and stage["samples"] < stage["asked_samples"]:  # a work-capped selection: the same subset
+            from hsc_plugin.selection import _subset
+
+            calib = _subset(prep.calib, stage["samples"])
+        errors = measure_errors(prep.work, chosen.modules, calib, desc=f"{compressor.name}: measuring error",
                                 progress=compressor.progress)
     return errors, measure_costs(chosen.model, prep.example)
 

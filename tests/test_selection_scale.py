@@ -73,6 +73,8 @@ def test_capped_stage_refits_the_winner_and_never_raises_the_error() -> None:
     assert stage["refit"] == "winner" and MIN_SELECTION_SAMPLES <= stage["samples"] < 64
     assert res.report.calibration_error <= res.report.recovery["error_before"] + 1e-12
     assert res.report.options["selection_gmacs"] == gmacs
+    factorised = [L for L in res.report.layers if L.status == "factorised"]
+    assert factorised and all(L.error is not None and L.error >= 0 for L in factorised)  # on the same subset
     # Uncapped, no warning about the cap and every candidate refitted.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
