@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -92,8 +93,9 @@ def main() -> None:
              f"{args.calib} MRI images upsampled to {args.size} px, 3 channels. Threads: {threads}. "
              f"Timings interleaved, {args.runs} pairs after warm-up; speed-up median [q1, q3].", "",
              f"Command: `python benchmarks/paper_scale.py {' '.join(sys.argv[1:])}`", "", PAPER, "",
-             "| method | budget | batch | layout | MAC ratio | speed-up | share of MAC ratio | ORT speed-up (CPU EP) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | budget | batch | layout | MAC ratio | speed-up | share of MAC ratio | ORT speed-up (CPU EP) "
+             "| allocation kept (forms per layer) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ort_ok = not args.no_ort
     if ort_ok:
         try:
@@ -101,6 +103,7 @@ def main() -> None:
         except ImportError:
             ort_ok = False
     cache: dict[tuple, nn.Module | str] = {}
+    kept: dict[tuple, str] = {}  # which candidate allocation the method kept, and its layers' forms
     for mname in args.methods:
         method, kw = METHODS[mname]
         for bname in args.budgets:
@@ -116,13 +119,16 @@ def main() -> None:
                     key = (mname, bname) if metric == "macs" else (mname, bname, batch, layout)
                     if key not in cache:  # a MAC budget's model does not depend on the timing config
                         try:
-                            cache[key] = compress(base, method, calib=calib, budget=budget, progress=False,
-                                                  **kw, **extra).model.eval()
+                            res = compress(base, method, calib=calib, budget=budget, progress=False, **kw, **extra)
+                            cache[key] = res.model.eval()
+                            forms = Counter(L.details.get("form") or L.module for L in res.report.layers
+                                            if L.status == "factorised")
+                            kept[key] = f"{res.report.allocation}: " + "; ".join(f"{n}× {f}" for f, n in forms.items())
                         except BudgetError as e:  # a refusal is a result: say it in the table
                             cache[key] = str(e)
                     comp = cache[key]
                     if isinstance(comp, str):
-                        lines.append(f"| {mname} | {bname} | {batch} | {layout} | refused: {comp} | | | |")
+                        lines.append(f"| {mname} | {bname} | {batch} | {layout} | refused: {comp} | | | | |")
                         print(lines[-1], flush=True)
                         continue
                     macs = dense_macs / measure_costs(comp, calib[:1]).macs
@@ -140,7 +146,7 @@ def main() -> None:
                         disturbed = t["dense"]["disturbed"] or t["comp"]["disturbed"]
                         ort = "disturbed" if disturbed else f"{t['dense']['median_ms'] / t['comp']['median_ms']:.2f}×"
                     lines.append(f"| {mname} | {bname} | {batch} | {layout} | {macs:.2f}× | {med:.2f}× [{q1:.2f}, {q3:.2f}] "
-                                 f"| {100 * med / macs:.0f} % | {ort} |")
+                                 f"| {100 * med / macs:.0f} % | {ort} | {kept.get(key, '')} |")
                     print(lines[-1], flush=True)
     emit(lines, args.out)
 
