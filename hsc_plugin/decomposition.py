@@ -238,11 +238,11 @@ class Tucker2Bases:
     def factors(self, rank_out: int, rank_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U_out: Co×R_out, core: R_out×R_in×kh×kw, V_in: Ci×R_in)`` at these ranks."""
         if self.data_free and self.n_iter > 0:
-            # HOOI depends on the ranks; candidate allocations often ask for the same pair again.
+            # HOOI depends on the ranks; the last pair is kept for a repeated request (the core of
+            # VGG's 4096×512×7×7 conv is ~300 MB at its ranks, so no more than one).
             key = (int(rank_out), int(rank_in))
             if key not in self._hooi:
-                if len(self._hooi) >= 4:
-                    self._hooi.pop(next(iter(self._hooi)))
+                self._hooi.clear()
                 self._hooi[key] = _hooi2(self.W, rank_out, rank_in, self.n_iter, V=self.proj_in[:, :rank_in])
             return self._hooi[key]
         U_out, lift_in = self.U_out[:, :rank_out], self.lift_in[:, :rank_in]
