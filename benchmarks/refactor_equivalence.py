@@ -1,10 +1,14 @@
 """Are two checkouts the same compressor? Compress fixed models with every method and compare.
 
 Run once on a checkout to record (``--save DIR``), then on another to compare (``--compare DIR``):
-every compressed ``state_dict`` must agree within ``--atol`` (default 1e-6) and every report must
-be equal (its JSON, ignoring wall-clock fields; floats to ``--rtol``, default 1e-9, since error
-*measurements* summed in another order differ in the last digits while the factors are bit-equal). This is how a behaviour-preserving refactor is
-checked: record on the commit before it, compare on the commit after it.
+every compressed ``state_dict`` must agree within ``--atol`` (default 1e-6) — or, where factors are
+stored differently (a sign, a basis of repeated singular values), the compressed models' outputs on
+the calibration inputs within ``--output-rtol`` of the largest — and every report must be equal on
+the fields both checkouts write (its JSON, ignoring wall-clock fields; floats to ``--rtol``, default
+1e-9, since error *measurements* summed in another order differ in the last digits; fields only one
+side writes are listed, not failed). This is how a behaviour-preserving refactor is checked: record
+on the commit before it, compare on the commit after it. To record an older commit with this
+script, run it with that commit's package on the path (a venv with ``pip install --no-deps -e``).
 
     python benchmarks/refactor_equivalence.py --save /tmp/eq_before      # on the old commit
     python benchmarks/refactor_equivalence.py --compare /tmp/eq_before   # on the new one
@@ -82,7 +86,21 @@ def _same(a: Any, b: Any, rtol: float) -> bool:
     return a == b
 
 
-def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
+def _shared(a: Any, b: Any, path: str, only: list[str]) -> tuple[Any, Any]:
+    """``a`` and ``b`` with every dict cut to the keys both have; the others are listed in ``only``
+    (fields one checkout adds are news, not differences)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        only.extend(f"{path}.{k}" for k in sorted(set(a) ^ set(b)))
+        keys = [k for k in a if k in b]
+        pairs = {k: _shared(a[k], b[k], f"{path}.{k}", only) for k in keys}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = [_shared(x, y, f"{path}[]", only) for x, y in zip(a, b)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return a, b
+
+
+def run() -> dict[str, tuple[dict[str, torch.Tensor], Any, torch.Tensor]]:
     from hsc_plugin import compress
 
     out = {}
@@ -95,7 +113,9 @@ def run() -> dict[str, tuple[dict[str, torch.Tensor], Any]]:
             res = compress(model, method, calib=x, budget=budget, progress=False, seed=0, **opts, **extra)
             sd = {k: v.detach().clone() for k, v in res.model.state_dict().items()}
             rep = _clean(json.loads(json.dumps(res.report.to_dict(), default=str)))
-            out[f"{mname}/{cname}"] = (sd, rep)
+            with torch.no_grad():
+                y = res.model(x).detach().clone()
+            out[f"{mname}/{cname}"] = (sd, rep, y)
             print(f"{mname}/{cname}: {res.report.macs_ratio:.3f}x", flush=True)
     return out
 
@@ -107,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--compare", type=Path)
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--rtol", type=float, default=1e-9, help="relative tolerance of the reports' floats")
+    p.add_argument("--output-rtol", type=float, default=1e-5,
+                   help="where the state_dicts differ: tolerance of the compressed models' outputs on the "
+                        "calibration inputs, relative to the largest (same function, factors stored differently)")
     p.add_argument("--legacy", action="store_true",
                    help="compress with the options that turn later behaviour off (no label-free recovery or sequential refit; HSC "
                         "with alternatives=False), to compare the old paths with a checkout that predates them")
@@ -117,14 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     results = run()
     if a.save:
         a.save.mkdir(parents=True, exist_ok=True)
-        for key, (sd, rep) in results.items():
+        for key, (sd, rep, y) in results.items():
             stem = key.replace("/", "__")
             torch.save(sd, a.save / f"{stem}.pt")
+            torch.save(y, a.save / f"{stem}.out.pt")
             (a.save / f"{stem}.json").write_text(json.dumps(rep, indent=1, sort_keys=True))
         print(f"saved {len(results)} cases to {a.save}")
         return 0
     bad = 0
-    for key, (sd, rep) in results.items():
+    for key, (sd, rep, y) in results.items():
         stem = key.replace("/", "__")
         ref_sd = torch.load(a.compare / f"{stem}.pt", weights_only=True)
         ref_rep = json.loads((a.compare / f"{stem}.json").read_text())
@@ -143,10 +167,23 @@ def main(argv: list[str] | None = None) -> int:
             ref_rep = {**ref_rep, "options": {k: v for k, v in ref_rep["options"].items() if k != "alternatives"}}
             for L, R in zip(rep.get("layers", []), ref_rep.get("layers", [])):
                 L["details"] = {k: v for k, v in L["details"].items() if k in R["details"]}
-        same_rep = _same(json.loads(json.dumps(rep, sort_keys=True)), ref_rep, a.rtol)
-        ok = diff <= a.atol and same_rep
+        only: list[str] = []
+        rep, ref_rep = _shared(json.loads(json.dumps(rep, sort_keys=True)), ref_rep, "report", only)
+        same_rep = _same(rep, ref_rep, a.rtol)
+        same = diff <= a.atol
+        how = f"max |diff| {diff:.2e}"
+        out_ref = a.compare / f"{stem}.out.pt"
+        if not same and out_ref.exists():
+            # Factors are defined up to sign (and rotation within repeated singular values): the
+            # same compressed layer can be stored differently. What must agree is what it computes.
+            y_ref = torch.load(out_ref, weights_only=True).double()
+            dy = (y.double() - y_ref).abs().max().item() / max(1e-30, y_ref.abs().max().item())
+            same = dy <= a.output_rtol
+            how += f" (factors), outputs max |diff| {dy:.2e} of the largest"
+        ok = same and same_rep
         bad += not ok
-        print(f"{key}: max |diff| {diff:.2e}, report {'equal' if same_rep else 'DIFFERS'} -> {'ok' if ok else 'FAIL'}")
+        news = f"; fields on one side only: {', '.join(only[:4])}{' …' if len(only) > 4 else ''}" if only else ""
+        print(f"{key}: {how}, report {'equal' if same_rep else 'DIFFERS'}{news} -> {'ok' if ok else 'FAIL'}")
     print(f"{len(results) - bad} equal, {bad} different")
     return 1 if bad else 0
 
