@@ -86,6 +86,23 @@ def _same(a: Any, b: Any, rtol: float) -> bool:
     return a == b
 
 
+def _first_difference(a: Any, b: Any, rtol: float, path: str = "report") -> str:
+    """Where two JSON values first differ beyond ``rtol`` (and by how much), or ``""``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{path}: keys {sorted(set(a) ^ set(b))[:3]}"
+        return next((d for k in a if (d := _first_difference(a[k], b[k], rtol, f"{path}.{k}"))), "")
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"{path}: {len(a)} vs {len(b)} items"
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, rtol, f"{path}[{i}]"))), "")
+    if _same(a, b, rtol):
+        return ""
+    if isinstance(a, float) and isinstance(b, float):
+        return f"{path}: {a!r} vs {b!r} (rel {abs(a - b) / max(abs(a), abs(b)):.1e})"
+    return f"{path}: {str(a)[:60]!r} vs {str(b)[:60]!r}"
+
+
 def _shared(a: Any, b: Any, path: str, only: list[str]) -> tuple[Any, Any]:
     """``a`` and ``b`` with every dict cut to the keys both have; the others are listed in ``only``
     (fields one checkout adds are news, not differences)."""
@@ -183,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = same and same_rep
         bad += not ok
         news = f"; fields on one side only: {', '.join(only[:4])}{' …' if len(only) > 4 else ''}" if only else ""
+        if not same_rep:
+            news += f"; first difference {_first_difference(rep, ref_rep, a.rtol)}"
         print(f"{key}: {how}, report {'equal' if same_rep else 'DIFFERS'}{news} -> {'ok' if ok else 'FAIL'}")
     print(f"{len(results) - bad} equal, {bad} different")
     return 1 if bad else 0
