@@ -177,7 +177,10 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     scores: dict[str, float] = {}
     for name in names:
         alloc = allocations[name]
-        model = _install(prep.work, alloc.modules)
+        # When only the winner is refitted later, it must start from its modules as built, so
+        # this pass recovers copies (recovery steps may change modules in place).
+        model = _install(prep.work, {n: copy.deepcopy(m) for n, m in alloc.modules.items()}
+                         if stage["refit"] == "winner" else alloc.modules)
         info: dict[str, Any] | None = None
         if recovering and alloc.modules and not _lossless(alloc):
             originals = {n: prep.infos[n].module for n in alloc.modules}
