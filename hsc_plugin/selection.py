@@ -173,6 +173,15 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         if reestimate_bn(reference, calib, batch_size=compressor.calib_batch_size) == 0:
             reference = prep.work  # no BatchNorm: the uncompressed model as it is
     features, reference = reference, _Replay(reference)
+
+    def recovered(model: nn.Module, alloc: Allocation, refit: bool) -> dict[str, Any]:
+        originals = {n: prep.infos[n].module for n in alloc.modules}
+        info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
+                       bias=compressor.bias_correction, refit=refit, refresh_reference=False,
+                       batch_size=compressor.calib_batch_size, features=features)
+        info["selection"] = stage
+        return info
+
     best: Selected | None = None
     scores: dict[str, float] = {}
     for name in names:
@@ -183,11 +192,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
                          if stage["refit"] == "winner" else alloc.modules)
         info: dict[str, Any] | None = None
         if recovering and alloc.modules and not _lossless(alloc):
-            originals = {n: prep.infos[n].module for n in alloc.modules}
-            info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
-                           bias=compressor.bias_correction, refit=stage["refit"] == "each",
-                           refresh_reference=False, batch_size=compressor.calib_batch_size, features=features)
-            info["selection"] = stage
+            info = recovered(model, alloc, refit=stage["refit"] == "each")
             error = float(info["error_after"])
         else:
             error = output_error(reference, model, calib, batch_size=compressor.calib_batch_size)
@@ -196,15 +201,10 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
             best = Selected(name, alloc, model, error, info)
     assert best is not None
     if stage["refit"] == "winner" and best.recovery is not None:  # the refit, for the chosen candidate only
-        alloc = best.alloc
-        model = _install(prep.work, alloc.modules)
-        originals = {n: prep.infos[n].module for n in alloc.modules}
-        info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
-                       bias=compressor.bias_correction, refit=True, refresh_reference=False,
-                       batch_size=compressor.calib_batch_size, features=features)
-        info["selection"] = stage
+        model = _install(prep.work, best.alloc.modules)
+        info = recovered(model, best.alloc, refit=True)
         if float(info["error_after"]) < best.error:  # type: ignore[operator]
-            best = Selected(best.name, alloc, model, float(info["error_after"]), info)
+            best = Selected(best.name, best.alloc, model, float(info["error_after"]), info)
             scores[best.name] = best.error  # type: ignore[assignment]
     best.candidates = scores
     return best

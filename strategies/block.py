@@ -19,10 +19,6 @@ from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors
 __all__ = ["SVDBlock", "Tucker2Block", "SVDFactors", "Tucker2Factors"]
 
 
-def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
-    return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
-
-
 class SVDFactors(BlockFactors):
     """Top-k eigenvectors P of the block's output moment: reduce = Pᵀ W_b, expand = P."""
 

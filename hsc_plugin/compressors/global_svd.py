@@ -7,7 +7,7 @@ from torch import nn
 
 from hsc_plugin.calibration import Accumulator, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
-from hsc_plugin.decomposition import Moment, rrr_basis
+from hsc_plugin.decomposition import Moment, mode_gram, rrr_basis, sym_eig_desc
 from hsc_plugin.modules import LowRankConv2d, LowRankLinear, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
@@ -27,9 +27,11 @@ def group_blocks(S: torch.Tensor, groups: int) -> list[torch.Tensor]:
     return [S[g * n:(g + 1) * n, g * n:(g + 1) * n] for g in range(groups)]
 
 
-def _gram(M: torch.Tensor) -> torch.Tensor:
-    Md = M.double()
-    return Md @ Md.T
+def weight_gram_eig(info: LayerInfo, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of group ``group``'s ``M Mᵀ`` (M: its rows of the weight, unfolded), once
+    per layer: data-free SVD's basis and data-free Tucker-2's mode-0 spectrum and HOOI-free factor."""
+    return info.derived(("gram_eig", group),
+                        lambda: sym_eig_desc(mode_gram(layer_matrices(info.module)[group], 0)))
 
 
 class SVDPlan(LayerPlan):
@@ -59,7 +61,7 @@ class SVDPlan(LayerPlan):
             else:
                 S_t = S.full() if isinstance(S, Moment) else S
                 if S_t is None:  # shared with data-free Tucker-2 of the same layer (the mode-0 Gram)
-                    evals, P = info.derived(("gram_eig", g), lambda M=M: rrr_basis(_gram(M)))
+                    evals, P = weight_gram_eig(info, g)
                 else:
                     evals, P = rrr_basis(group_blocks(S_t, self.groups)[g])
             k = min(M.shape)

@@ -77,6 +77,7 @@ class ClusterContributions(Accumulator):
         self.module = module
         self.tiling = tiling
         self.clusters = clusters
+        self._moments: list[list[Moment]] | None = None  # made once, by moments()
         co = module.out_channels
         dev = module.weight.device
         kk = module.kernel_size[0] * module.kernel_size[1]
@@ -118,7 +119,7 @@ class ClusterContributions(Accumulator):
         """Per (region, cluster): the output second moment of the cluster's contribution, as the
         matrix or — from a patch Gram — as a thin factor ``W_c G^½`` (same eigenvectors, cheaper).
         Computed once, so the block factorisers that share a moment share its eigen-decomposition."""
-        if getattr(self, "_moments", None) is not None:
+        if self._moments is not None:
             return self._moments
         W = self.module.weight.detach().double()
         out = []
@@ -132,7 +133,7 @@ class ClusterContributions(Accumulator):
                 else:
                     row.append(Moment(matrix=G))
             out.append(row)
-        self._moments: list[list[Moment]] | None = out
+        self._moments = out
         return out
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
-from hsc_plugin.compressors.global_svd import SVDPlan, group_blocks
-from hsc_plugin.decomposition import Moment, Tucker2Bases, mode_gram, sym_eig_desc
+from hsc_plugin.compressors.global_svd import SVDPlan, group_blocks, weight_gram_eig
+from hsc_plugin.decomposition import Moment, Tucker2Bases
 from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
@@ -35,15 +35,16 @@ class Tucker2Plan(LayerPlan):
         self.groups = m.groups
         W = info.weight64()
         self.weights = list(W.chunk(self.groups, 0))
-        if isinstance(S_out, Moment):  # a Moment shares its eigen-decomposition with the layer's other forms
-            S_out = S_out if self.groups == 1 else S_out.full()
-        self.S_out = ([S_out] if isinstance(S_out, Moment) else group_blocks(S_out, self.groups) if S_out is not None
-                      else [None] * self.groups)
+        if isinstance(S_out, Moment) and self.groups > 1:
+            S_out = S_out.full()
+        if isinstance(S_out, Moment):  # shares its eigen-decomposition with the layer's other forms
+            self.S_out: list = [S_out]
+        else:
+            self.S_out = group_blocks(S_out, self.groups) if S_out is not None else [None] * self.groups
         self.S_in = group_blocks(S_in, self.groups) if S_in is not None else [None] * self.groups
         # Each group's rank-free work (moment eigen-decompositions, whitening) is done once here:
         # build() at any ranks is then a slice and a contraction (data-free: the HOOI sweeps).
-        self.bases = [Tucker2Bases(Wg, So, Si, gram_eig=None if So is not None else info.derived(
-                          ("gram_eig", g), lambda Wg=Wg: sym_eig_desc(mode_gram(Wg, 0))))
+        self.bases = [Tucker2Bases(Wg, So, Si, gram_eig=weight_gram_eig(info, g) if So is None else None)
                       for g, (Wg, So, Si) in enumerate(zip(self.weights, self.S_out, self.S_in))]
         e_out = e_in = None
         for Wg, b in zip(self.weights, self.bases):
