@@ -196,7 +196,12 @@ def trace_layers(model: nn.Module, names: Sequence[str], example: torch.Tensor) 
 
 
 class Accumulator:
-    """Running statistic of one layer, updated by a forward hook with (input, pre-bias output)."""
+    """Running statistic of one layer, updated by a forward hook with (input, pre-bias output).
+
+    ``needs_pass = False`` marks one already complete (derived from other statistics): the pipeline
+    runs no calibration pass for it."""
+
+    needs_pass: bool = True
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         raise NotImplementedError
@@ -341,7 +346,8 @@ def run_calibration(
 
         return hook
 
-    hooks = {name: feed(accs) for name, accs in accumulators.items() if accs}
+    live = {name: [a for a in accs if a.needs_pass] for name, accs in accumulators.items()}
+    hooks = {name: feed(accs) for name, accs in live.items() if accs}
     n = _stream(model, hooks, calib, progress=progress, desc=desc, stop_early=stop_early)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")

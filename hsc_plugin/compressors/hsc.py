@@ -29,7 +29,8 @@ from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, O
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
-from hsc_plugin.compressors.hsc_statistics import FINE_CELLS, CellStats, ClusterContributions
+from hsc_plugin.compressors.hsc_statistics import (FINE_CELLS, CellStats, ClusterContributions, ProjectedCellStats,
+                                                   pointwise)
 from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
@@ -188,7 +189,9 @@ class HSC(Compressor):
             return 8 * (int(m.weight.shape[0]) ** 2 + 1 + (m.in_channels ** 2 + 1 if inputs else 0))
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
-        return (CellStats.nbytes(m.out_channels, grid, out_moments)
+        # a pointwise conv's output moments are derived after the pass, one layer at a time, while planning
+        projected = out_moments and inputs and pointwise(m)
+        return ((0 if projected else CellStats.nbytes(m.out_channels, grid, out_moments))
                 + (CellStats.nbytes(m.in_channels, grid) if inputs else 0))
 
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
@@ -204,10 +207,12 @@ class HSC(Compressor):
         # Output cell moments serve the partitioner, output clusters and every one-cluster form;
         # input cell moments the input clusters and Tucker-2 blocks. The input clusters' own output
         # statistics come in the second pass, once the clusters are known.
-        accs = [CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)]
         if inputs:
-            accs.append(CellStats(m.in_channels, grid, info.out_hw, "input", dev))
-        return accs
+            ins = CellStats(m.in_channels, grid, info.out_hw, "input", dev)
+            if out_moments and pointwise(m):  # W S_in Wᵀ per cell: no C_out² Gram per pixel
+                return [ProjectedCellStats(m, ins), ins]
+        outs = CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)
+        return [outs, ins] if inputs else [outs]
 
     def _cluster(self, S: torch.Tensor) -> list[list[int]]:
         A = coactivation(S)
@@ -224,10 +229,10 @@ class HSC(Compressor):
         tiling = self._partitioner.partition(stats[0])
         inputs: CellStats = stats[1]  # type: ignore[assignment]
         clusters = [self._cluster(inputs.region(*reg)) for reg in tiling.regions]
-        out = [ClusterContributions(info.module, tiling, clusters)]
+        out = [ClusterContributions(info.module, tiling, clusters, inputs)]
         if self._competes(info, context) and tiling.n_regions > 1:  # one region, same kind of clusters
             whole = inputs.S.sum(dim=(0, 1))
-            out.append(ClusterContributions(info.module, Tiling.full(tiling.grid), [self._cluster(whole)]))
+            out.append(ClusterContributions(info.module, Tiling.full(tiling.grid), [self._cluster(whole)], inputs))
         return out
 
     def plan(self, info: LayerInfo, stats: list[Accumulator],

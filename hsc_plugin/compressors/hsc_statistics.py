@@ -15,7 +15,7 @@ from hsc_plugin.calibration import Accumulator
 from hsc_plugin.decomposition import Moment, sym_eig_desc
 from hsc_plugin.tiling import Tiling, cell_edges, explicit_padding, halo, input_window, output_box
 
-__all__ = ["FINE_CELLS", "CellStats", "ClusterContributions", "region_pixels"]
+__all__ = ["FINE_CELLS", "CellStats", "ProjectedCellStats", "ClusterContributions", "region_pixels", "pointwise"]
 
 
 # The statistics grid adaptive partitioners (quadtree) choose regions from.
@@ -64,6 +64,46 @@ class CellStats(Accumulator):
         return self.S[r0:r1, c0:c1].sum(dim=(0, 1))
 
 
+def pointwise(module: nn.Module) -> bool:
+    """A stride-1, unpadded, ungrouped 1×1 conv: its pre-bias output is ``W x`` at every pixel of
+    the same map, so its output statistics follow from its input statistics without another Gram."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.kernel_size != (1, 1):
+        return False
+    pad = module.padding
+    return module.stride == (1, 1) and (pad in ("valid", "same") or tuple(pad) == (0, 0))
+
+
+class ProjectedCellStats(CellStats):
+    """The output cell moments of a :func:`pointwise` conv, ``W S_in Wᵀ`` per cell from its input
+    cell moments, computed once after the pass (exact: ``y = W x`` pixel by pixel, and the cells lie
+    on the same map). An expanding 1×1 (resnet50's C → 4C) would otherwise cost a C_out² Gram per
+    pixel — 4× the conv's own MACs, in float64 — on every calibration batch."""
+
+    needs_pass = False
+
+    def __init__(self, module: nn.Conv2d, source: CellStats) -> None:  # noqa: D107 (no super: S is derived)
+        self.grid, self.out_hw, self.side, self.moments = source.grid, source.out_hw, "output", True
+        self._module, self._source = module, source
+        self._S: torch.Tensor | None = None
+
+    @property
+    def count(self) -> torch.Tensor:  # type: ignore[override]
+        return self._source.count
+
+    @property
+    def S(self) -> torch.Tensor:  # type: ignore[override]
+        if self._S is None:
+            W = self._module.weight.detach().double().flatten(1)
+            self._S = W @ self._source.S @ W.T
+        return self._S
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []  # the source's sums are the ones to reduce across processes
+
+
 def _pad(x: torch.Tensor, pad: list[int], mode: str) -> torch.Tensor:
     lrtb = [pad[2], pad[3], pad[0], pad[1]]
     return F.pad(x, lrtb) if mode == "zeros" else F.pad(x, lrtb, mode=mode)
@@ -73,7 +113,10 @@ class ClusterContributions(Accumulator):
     """Second pass of the input side: per (region, input cluster), the output second moment of
     that cluster's contribution ``y_c = W[:, c] * x[c]`` over the region's pixels."""
 
-    def __init__(self, module: nn.Conv2d, tiling: Tiling, clusters: list[list[list[int]]]) -> None:
+    def __init__(self, module: nn.Conv2d, tiling: Tiling, clusters: list[list[list[int]]],
+                 inputs: CellStats | None = None) -> None:
+        """``inputs``: the layer's input cell moments; for a :func:`pointwise` conv the contributions
+        follow from them (a cluster's patches are its input pixels), and no pass is needed."""
         self.module = module
         self.tiling = tiling
         self.clusters = clusters
@@ -90,6 +133,14 @@ class ClusterContributions(Accumulator):
         pad = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         self.pad = list(explicit_padding(pad, k, d))
         self.halo = halo(k, d)
+        self.needs_pass = not (inputs is not None and pointwise(module))
+        if not self.needs_pass:
+            Wm = module.weight.detach().double().flatten(1)
+            for r, region in enumerate(tiling.regions):
+                S_in = inputs.region(*region)  # type: ignore[union-attr]
+                for c, idx in enumerate(clusters[r]):
+                    S_c = S_in[idx][:, idx]
+                    self.G[r][c] += S_c if self.patch[r][c] else Wm[:, idx] @ S_c @ Wm[:, idx].T
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         m = self.module
