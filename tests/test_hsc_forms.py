@@ -10,7 +10,9 @@ from torch import nn
 from hsc_plugin import Budget, compress, create_compressor
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats
-from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
+from hsc_plugin.compressors.regional_plan import RegionalSVDPlan, RegionalTucker2Plan
+from hsc_plugin.compressors.tucker2 import Tucker2Plan
+from hsc_plugin.decomposition import Moment
 from hsc_plugin.tiling import Tiling
 
 from conftest import SmallCNN
@@ -90,6 +92,54 @@ def test_regional_expansion_is_exact_at_full_rank(cfg: dict) -> None:
     with torch.no_grad():
         assert (new(x) - conv(x)).abs().max().item() <= 1e-4
     assert plan.predicted_error(plan.full_ranks()) == 0.0
+
+
+def _regional_tucker2(conv: nn.Conv2d, x: torch.Tensor) -> tuple[RegionalTucker2Plan, RegionalSVDPlan, Tucker2Plan]:
+    info, cells = _cells(conv, x, (2, 2))
+    ins = CellStats(conv.in_channels, (2, 2), info.out_hw, "input", torch.device("cpu"))
+    ins.update(x, x)
+    whole = Moment(matrix=cells.S.sum(dim=(0, 1)))
+    regional = RegionalSVDPlan(info, Tiling.uniform((2, 2), 2, 2), cells, whole=whole)
+    tucker2 = Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)))
+    return RegionalTucker2Plan(info, regional, tucker2), regional, tucker2
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["groups"] == "1" and c["kernel"] != 1], ids=_id)
+def test_regional_tucker2_is_exact_at_full_rank(cfg: dict) -> None:
+    torch.manual_seed(0)
+    model, x = _make_conv(cfg)
+    conv = model[0]
+    plan, regional, _ = _regional_tucker2(conv, x)
+    new = plan.build(plan.full_ranks())
+    assert new.base == "svd"  # full input rank: the invertible first 1×1 is folded into the k×k reduction
+    with torch.no_grad():
+        assert (new(x) - conv(x)).abs().max().item() <= 1e-4
+        assert (new(x) - regional.build(regional.full_ranks())(x)).abs().max().item() <= 1e-4
+    assert plan.predicted_error(plan.full_ranks()) == 0.0
+
+
+def test_regional_tucker2_is_tucker2s_reduction_with_the_regional_least_squares_1x1s() -> None:
+    """Below full input rank: Tucker-2's first 1×1 and core (same output basis), the regional fits'
+    1×1s, Tucker-2's MACs, and one more C_out × R_out map per extra region in parameters."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = _images(32, 12).repeat(1, 3, 1, 1)[:, :8]
+    plan, regional, tucker2 = _regional_tucker2(conv, x)
+    ranks = [5, 4]
+    new, ref = plan.build(ranks), tucker2.build(ranks)
+    assert new.base == "tucker2" and len(new.expands) == 4
+    torch.testing.assert_close(new.first.weight, ref.first.weight)
+    torch.testing.assert_close(new.reduce.weight, ref.core.weight)
+    for r, e in enumerate(new.expands):
+        torch.testing.assert_close(e.weight[:, :, 0, 0], regional.expansion(r, 5).float())
+    assert plan.factorised_cost(ranks, "macs") == tucker2.factorised_cost(ranks, "macs")
+    assert plan.factorised_cost(ranks, "params") == tucker2.factorised_cost(ranks, "params") + 3 * (5 * 12 + 12)
+    with torch.no_grad():
+        target = conv(x)
+        errors = [((plan.build([k, 4])(x) - target).norm() / target.norm()).item() for k in (2, 5, 12)]
+    assert errors[0] > errors[1] > errors[2]
+    with pytest.raises(ValueError, match="data-aware"):
+        RegionalTucker2Plan(regional.info, regional, Tucker2Plan(regional.info, None, None))
 
 
 def test_regional_expansion_error_is_exact_and_beats_svd_at_equal_rank() -> None:

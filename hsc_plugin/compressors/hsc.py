@@ -31,7 +31,7 @@ from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import (FINE_CELLS, CellStats, ClusterContributions, ProjectedCellStats,
                                                    pointwise)
-from hsc_plugin.compressors.regional_plan import RegionalSVDPlan
+from hsc_plugin.compressors.regional_plan import RegionalSVDPlan, RegionalTucker2Plan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
@@ -265,11 +265,15 @@ class HSC(Compressor):
                 if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters
                     forms.append(self._blocks(info, tiling, fac, outs, ins, None, "output"))
         whole = Moment(matrix=outs.S.sum(dim=(0, 1)))  # one eigen-decomposition for every whole-map form
-        if tiling.n_regions > 1:  # SVD's reduction on the whole map, a 1×1 per region
-            forms.append(RegionalSVDPlan(info, tiling, outs, whole=whole))
+        regional = RegionalSVDPlan(info, tiling, outs, whole=whole) if tiling.n_regions > 1 else None
+        if regional is not None:  # SVD's reduction on the whole map, a 1×1 per region
+            forms.append(regional)
         forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
-        if info.module.kernel_size != (1, 1) and ins is not None:
-            forms.append(Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2"))
+        if self._tucker(info) and ins is not None:
+            tucker2 = Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2")
+            forms.append(tucker2)
+            if regional is not None:  # Tucker-2's 1×1 + core on the whole map, a 1×1 per region
+                forms.append(RegionalTucker2Plan(info, regional, tucker2))
         return forms + self._data_free(info)
 
     def _data_free(self, info: LayerInfo) -> list[LayerPlan]:

@@ -1,4 +1,4 @@
-"""Regional expansion: SVD's reduction once on the whole map, the final 1×1 fitted per region.
+"""Regional expansion: SVD's or Tucker-2's reduction once on the whole map, the final 1×1 fitted per region.
 
 With the data-aware SVD basis P (top eigenvectors of the whole map's output moment S), the
 reduced features are ``z = Pᵀ y`` at every position. Region r's 1×1 is the least-squares map from
@@ -8,6 +8,12 @@ parameters (one C_out × K map per region), and lower error wherever the regions
 differ. Nested bases make every rank exact from one Cholesky per region: with
 ``Pᵀ S_r P = L Lᵀ`` and ``G = S_r P L⁻ᵀ``, the error at rank K is ``tr S_r − ‖G[:, :K]‖²``, so
 column j of G carries component j's energy.
+
+On Tucker-2 (:class:`RegionalTucker2Plan`) the reduction is data-aware Tucker-2's first 1×1 and
+core, whose R_out features are ``z = Pᵀ ŷ`` with ŷ the conv of the input-projected weight; the
+regional 1×1s are the same least-squares maps, fitted as if ``ŷ = y`` (exact at full input rank,
+where the first 1×1 is invertible). The input mode's energy enters as Tucker-2's does (the two
+modes' kept fractions multiply), so the predicted error is a model; the measured one is reported.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
+from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
 
-__all__ = ["RegionalSVDPlan", "regional_least_squares"]
+__all__ = ["RegionalSVDPlan", "RegionalTucker2Plan", "regional_least_squares"]
 
 
 def _cholesky(M: torch.Tensor) -> torch.Tensor:
@@ -103,3 +110,67 @@ class RegionalSVDPlan(LayerPlan):
 
     def describe(self, ranks: list[int]) -> dict[str, Any]:
         return {"tiling": self.tiling.to_dict(), "regions": len(self.pixels), "pixels": self.pixels}
+
+
+class RegionalTucker2Plan(LayerPlan):
+    """Two ranks (R_out, R_in): Tucker-2's 1×1 + k×k core on the whole map, a 1×1 per region.
+
+    Built from the layer's one-region plans, whose work it shares: ``regional`` (the regional
+    least-squares fits on the whole map's output basis) and ``tucker2`` (data-aware Tucker-2 on the
+    same output moment, so the same basis; its input whitening). Same MACs as Tucker-2 at the same
+    ranks, one C_out × R_out map per region more in parameters.
+    """
+
+    family = "hsc"
+
+    def __init__(self, info: LayerInfo, regional: RegionalSVDPlan, tucker2: Tucker2Plan, form: str = "") -> None:
+        if tucker2.groups != 1 or tucker2.family != "tucker2":
+            raise ValueError("regional Tucker-2 needs a data-aware, ungrouped Tucker-2 plan")
+        self.regional, self.bases = regional, tucker2.bases[0]
+        self.tiling = regional.tiling
+        self.kk = regional.kk
+        out = regional.blocks[0]
+        blocks = [RankBlock(out.energies, label="out"), RankBlock(tucker2.blocks[1].energies, label="in")]
+        n = self.tiling.n_regions
+        super().__init__(info, blocks, total_energy=1.0,
+                         form=form or f"{n} region{'s' if n > 1 else ''}, regional 1x1 on Tucker-2")
+
+    def retained(self, ranks: list[int]) -> float:
+        """The two modes' kept fractions multiply, as for Tucker-2 (see :meth:`Tucker2Plan.retained`)."""
+        fractions = [b.energies[:r].sum() / b.total if b.total > 0 else 1.0 for r, b in zip(ranks, self.blocks)]
+        return float(self.total_energy * fractions[0] * fractions[1])
+
+    def _input_folded(self, r_in: int) -> bool:
+        return r_in >= self.info.module.in_channels  # the first 1×1 is invertible: fold it (see Tucker2Plan)
+
+    def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        r_out, r_in = ranks
+        m: nn.Conv2d = self.info.module
+        first = 0 if self._input_folded(r_in) else m.in_channels * r_in
+        if metric == "macs":
+            pin = self.info.in_hw[0] * self.info.in_hw[1]
+            return float(pin * first + self.info.positions * r_out * (r_in * self.kk + m.out_channels))
+        bias = m.out_channels if m.bias is not None else 0
+        return float(first + r_out * r_in * self.kk + self.tiling.n_regions * (r_out * m.out_channels + bias))
+
+    def build(self, ranks: list[int]) -> nn.Module:
+        r_out, r_in = ranks
+        m: nn.Conv2d = self.info.module
+        _, core, V_in = self.bases.factors(r_out, r_in)
+        folded = self._input_folded(r_in)
+        new = RegionalExpansionConv2d(m.in_channels, m.out_channels, conv_geometry(m), self.tiling, r_out,
+                                      base="svd" if folded else "tucker2", rank_in=None if folded else r_in,
+                                      bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+        if folded:  # k×k (C_in → R_out): the regional SVD's reduction, the same map
+            new.reduce.weight.data.copy_(torch.einsum("rskl,is->rikl", core, V_in))
+        else:
+            new.first.weight.data.copy_(V_in.T[:, :, None, None])
+            new.reduce.weight.data.copy_(core)
+        for r, e in enumerate(new.expands):
+            e.weight.data.copy_(self.regional.expansion(r, r_out)[:, :, None, None])
+            if m.bias is not None:
+                e.bias.data.copy_(m.bias.detach())
+        return new
+
+    def describe(self, ranks: list[int]) -> dict[str, Any]:
+        return self.regional.describe(ranks[:1])

@@ -246,7 +246,10 @@ def run_comparison(
                 save(result, f"{save_dir}/{model_slug(s.label, ratio)}")
             row = {"method": s.method, "setting": s.label, "ratio": ratio, "stage": "compress-only",
                    "options": s.options, "compress_s": seconds, "peak_rss_mb": _peak_rss_mb(),
-                   "achieved_ratio": result.report.achieved_ratio}
+                   "achieved_ratio": result.report.achieved_ratio,
+                   # which candidate allocation was kept, and every candidate's calibration output error
+                   "allocation": result.report.allocation, "calibration_error": result.report.calibration_error,
+                   "candidates": dict(result.report.candidates)}
             row.update(_costs_and_latency(result.model, input_shape, latency, latency_runs, dense=model, ort=ort))
             row.update(evaluate_model(result.model, test, n_boot=n_boot, seed=seed))
             rows.append(row)
