@@ -124,6 +124,10 @@ def main() -> None:
                             forms = Counter(L.details.get("form") or L.module for L in res.report.layers
                                             if L.status == "factorised")
                             kept[key] = f"{res.report.allocation}: " + "; ".join(f"{n}× {f}" for f, n in forms.items())
+                            loop = (res.report.latency or {}).get("rounds") or []
+                            if loop:  # the closed loop's whole-model speed-ups, as the compressor measured them
+                                kept[key] += "; closed loop " + " → ".join(
+                                    f"{r['speedup']:.2f}×{' (kept)' if r.get('kept') else ''}" for r in loop)
                         except BudgetError as e:  # a refusal is a result: say it in the table
                             cache[key] = str(e)
                     comp = cache[key]
