@@ -25,7 +25,7 @@ from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
-from hsc_plugin.compressors.tucker2 import Tucker2Plan
+from hsc_plugin.compressors.tucker2 import Tucker2Plan, kept_fractions_product
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
@@ -137,8 +137,7 @@ class RegionalTucker2Plan(LayerPlan):
 
     def retained(self, ranks: list[int]) -> float:
         """The two modes' kept fractions multiply, as for Tucker-2 (see :meth:`Tucker2Plan.retained`)."""
-        fractions = [b.energies[:r].sum() / b.total if b.total > 0 else 1.0 for r, b in zip(ranks, self.blocks)]
-        return float(self.total_energy * fractions[0] * fractions[1])
+        return self.total_energy * kept_fractions_product(self.blocks, ranks)
 
     def _input_folded(self, r_in: int) -> bool:
         return r_in >= self.info.module.in_channels  # the first 1×1 is invertible: fold it (see Tucker2Plan)

@@ -12,11 +12,20 @@ from hsc_plugin.decomposition import Moment, Tucker2Bases
 from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
-__all__ = ["Tucker2", "Tucker2Plan"]
+__all__ = ["Tucker2", "Tucker2Plan", "kept_fractions_product"]
 
 
 def _unfold(W: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.movedim(W, mode, 0).reshape(W.shape[mode], -1)
+
+
+def kept_fractions_product(blocks: list[RankBlock], ranks: list[int]) -> float:
+    """The product of the blocks' kept energy fractions at these ranks: the two-mode model of
+    Tucker-2 and of the forms built on its reduction."""
+    out = 1.0
+    for r, b in zip(ranks, blocks):
+        out *= float(b.energies[:r].sum() / b.total) if b.total > 0 else 1.0
+    return out
 
 
 class Tucker2Plan(LayerPlan):
@@ -69,8 +78,7 @@ class Tucker2Plan(LayerPlan):
         Truncating both modes compounds (keeping all output directions is worthless when a single
         input direction survives), which an additive model would miss and the greedy would exploit.
         """
-        fractions = [b.energies[:r].sum() / b.total if b.total > 0 else 1.0 for r, b in zip(ranks, self.blocks)]
-        return float(self.total_energy * fractions[0] * fractions[1])
+        return self.total_energy * kept_fractions_product(self.blocks, ranks)
 
     def factorised_cost(self, ranks: list[int], metric: str) -> float:
         r_out, r_in = ranks
