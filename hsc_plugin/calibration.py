@@ -346,13 +346,15 @@ def run_calibration(
 
         return hook
 
+    # Accumulators already complete (``needs_pass = False``) are neither fed nor summed across
+    # processes: what they hold comes from statistics that were.
     live = {name: [a for a in accs if a.needs_pass] for name, accs in accumulators.items()}
     hooks = {name: feed(accs) for name, accs in live.items() if accs}
     n = _stream(model, hooks, calib, progress=progress, desc=desc, stop_early=stop_early)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    n = _all_reduce((a for accs in accumulators.values() for a in accs), n, device)
-    for name, accs in accumulators.items():  # model order: the first layer named is where it starts
+    n = _all_reduce((a for accs in live.values() for a in accs), n, device)
+    for name, accs in live.items():  # model order: the first layer named is where it starts
         # A sum is non-finite iff some entry is (short of 1e308 overflow), without a mask the size
         # of the statistics.
         if any(not bool(torch.isfinite(t.sum())) for acc in accs for t in acc.tensors()):

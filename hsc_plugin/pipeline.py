@@ -240,9 +240,8 @@ def _calibrate(compressor: "Compressor", prep: Prepared, group: list[str], ctx: 
     n = run_calibration(prep.work, stats, prep.calib, progress=compressor.progress, stop_early=True,
                         desc=f"{compressor.name}: calibration{tag}")
     extra = {m: call_hook(compressor.second_statistics, prep.infos[m], stats[m], context=ctx) for m in group}
-    pending = {m: [a for a in accs if a.needs_pass] for m, accs in extra.items()}
-    if any(pending.values()):
-        run_calibration(prep.work, pending, prep.calib, progress=compressor.progress, stop_early=True,
+    if any(a.needs_pass for accs in extra.values() for a in accs):  # some are not derived from the first pass
+        run_calibration(prep.work, extra, prep.calib, progress=compressor.progress, stop_early=True,
                         desc=f"{compressor.name}: calibration 2{tag}")
     if any(extra.values()):
         stats = {m: stats[m] + extra[m] for m in group}

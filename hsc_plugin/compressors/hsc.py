@@ -182,6 +182,12 @@ class HSC(Compressor):
         inputs = self.channel_side == "input" or competes or self._block.needs_inputs
         return out_moments, inputs
 
+    def _projected(self, info: LayerInfo, context: PlanContext | None) -> bool:
+        """Whether the layer's output cell moments are projected from its input cell moments (a
+        :func:`pointwise` conv whose forms need both)."""
+        out_moments, inputs = self._needs(info, context)
+        return out_moments and inputs and pointwise(info.module)
+
     def statistics_bytes(self, info: LayerInfo, context: PlanContext | None = None) -> int:
         m = info.module
         if not self._spatial(info):
@@ -189,9 +195,8 @@ class HSC(Compressor):
             return 8 * (int(m.weight.shape[0]) ** 2 + 1 + (m.in_channels ** 2 + 1 if inputs else 0))
         grid = self._grid(info)
         out_moments, inputs = self._needs(info, context)
-        # a pointwise conv's output moments are derived after the pass, one layer at a time, while planning
-        projected = out_moments and inputs and pointwise(m)
-        return ((0 if projected else CellStats.nbytes(m.out_channels, grid, out_moments))
+        # projected output moments are derived after the pass, one layer at a time, while planning
+        return ((0 if self._projected(info, context) else CellStats.nbytes(m.out_channels, grid, out_moments))
                 + (CellStats.nbytes(m.in_channels, grid) if inputs else 0))
 
     def statistics(self, info: LayerInfo, context: PlanContext | None = None) -> list[Accumulator]:
@@ -209,7 +214,7 @@ class HSC(Compressor):
         # statistics come in the second pass, once the clusters are known.
         if inputs:
             ins = CellStats(m.in_channels, grid, info.out_hw, "input", dev)
-            if out_moments and pointwise(m):  # W S_in Wᵀ per cell: no C_out² Gram per pixel
+            if self._projected(info, context):  # W S_in Wᵀ per cell: no C_out² Gram per pixel
                 return [ProjectedCellStats(m, ins), ins]
         outs = CellStats(m.out_channels, grid, info.out_hw, "output", dev, moments=out_moments)
         return [outs, ins] if inputs else [outs]

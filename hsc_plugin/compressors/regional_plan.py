@@ -126,9 +126,8 @@ class RegionalTucker2Plan(LayerPlan):
     def __init__(self, info: LayerInfo, regional: RegionalSVDPlan, tucker2: Tucker2Plan, form: str = "") -> None:
         if tucker2.groups != 1 or tucker2.family != "tucker2":
             raise ValueError("regional Tucker-2 needs a data-aware, ungrouped Tucker-2 plan")
-        self.regional, self.bases = regional, tucker2.bases[0]
+        self.regional, self.tucker2, self.bases = regional, tucker2, tucker2.bases[0]
         self.tiling = regional.tiling
-        self.kk = regional.kk
         out = regional.blocks[0]
         blocks = [RankBlock(out.energies, label="out"), RankBlock(tucker2.blocks[1].energies, label="in")]
         n = self.tiling.n_regions
@@ -139,24 +138,21 @@ class RegionalTucker2Plan(LayerPlan):
         """The two modes' kept fractions multiply, as for Tucker-2 (see :meth:`Tucker2Plan.retained`)."""
         return self.total_energy * kept_fractions_product(self.blocks, ranks)
 
-    def _input_folded(self, r_in: int) -> bool:
-        return r_in >= self.info.module.in_channels  # the first 1×1 is invertible: fold it (see Tucker2Plan)
-
     def factorised_cost(self, ranks: list[int], metric: str) -> float:
-        r_out, r_in = ranks
-        m: nn.Conv2d = self.info.module
-        first = 0 if self._input_folded(r_in) else m.in_channels * r_in
+        """Tucker-2's at the same ranks (the regions' 1×1s cover disjoint pixels), plus, in
+        parameters, the extra regions' 1×1s (C_out × R_out and a bias each)."""
+        cost = self.tucker2.factorised_cost(ranks, metric)
         if metric == "macs":
-            pin = self.info.in_hw[0] * self.info.in_hw[1]
-            return float(pin * first + self.info.positions * r_out * (r_in * self.kk + m.out_channels))
+            return cost
+        m: nn.Conv2d = self.info.module
         bias = m.out_channels if m.bias is not None else 0
-        return float(first + r_out * r_in * self.kk + self.tiling.n_regions * (r_out * m.out_channels + bias))
+        return cost + (self.tiling.n_regions - 1) * (ranks[0] * m.out_channels + bias)
 
     def build(self, ranks: list[int]) -> nn.Module:
         r_out, r_in = ranks
         m: nn.Conv2d = self.info.module
         _, core, V_in = self.bases.factors(r_out, r_in)
-        folded = self._input_folded(r_in)
+        folded = self.tucker2.input_folded(r_in)  # the first 1×1 is invertible: folded, as Tucker-2 does
         new = RegionalExpansionConv2d(m.in_channels, m.out_channels, conv_geometry(m), self.tiling, r_out,
                                       base="svd" if folded else "tucker2", rank_in=None if folded else r_in,
                                       bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)

@@ -85,7 +85,7 @@ class Tucker2Plan(LayerPlan):
         m = self.info.module
         k = m.kernel_size[0] * m.kernel_size[1]
         g = self.groups
-        first = 0 if self._input_folded(r_in) else m.in_channels * r_in  # see build()
+        first = 0 if self.input_folded(r_in) else m.in_channels * r_in  # see build()
         if metric == "macs":
             pin = self.info.in_hw[0] * self.info.in_hw[1]
             p = self.info.positions
@@ -93,7 +93,7 @@ class Tucker2Plan(LayerPlan):
         return float(first + g * r_in * r_out * k + r_out * m.out_channels
                      + (m.out_channels if m.bias is not None else 0))
 
-    def _input_folded(self, r_in: int) -> bool:
+    def input_folded(self, r_in: int) -> bool:
         """At full input rank the first 1×1 is an invertible C_in×C_in map: it is folded into
         the core. (Kept, a 1→1 1×1 conv on a 1-channel 128 px stem took 20 ms at batch 32 — 16×
         the dense 11×11 layer — in PyTorch 2.14's CPU kernels.)"""
@@ -109,7 +109,7 @@ class Tucker2Plan(LayerPlan):
             cores.append(core)
             lasts.append(U_out)
         kw = {"device": m.weight.device, "dtype": m.weight.dtype}
-        if self._input_folded(r_in):  # k×k (C_in→R_out) → 1×1: the SVD form, exact same map
+        if self.input_folded(r_in):  # k×k (C_in→R_out) → 1×1: the SVD form, exact same map
             low = LowRankConv2d(m.in_channels, m.out_channels, r_out, conv_geometry(m), groups=self.groups,
                                 bias=m.bias is not None, **kw)
             folded = [torch.einsum("rskl,si->rikl", c, vt) for c, vt in zip(cores, firsts)]
