@@ -10,7 +10,8 @@ from torch import nn
 from hsc_plugin import Budget, compress, create_compressor
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats
-from hsc_plugin.compressors.regional_plan import RegionalSVDPlan, RegionalTucker2Plan
+from hsc_plugin.compressors.global_svd import SVDPlan
+from hsc_plugin.compressors.regional_plan import RegionalExpansionPlan, RegionalSVDPlan, RegionalTucker2Plan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.tiling import Tiling
@@ -150,8 +151,6 @@ def test_regional_expansion_error_is_exact_and_beats_svd_at_equal_rank() -> None
     x = _images(32, 12).repeat(1, 3, 1, 1)[:, :8]
     info, cells = _cells(conv, x, (2, 2))
     plan = RegionalSVDPlan(info, Tiling.uniform((2, 2), 2, 2), cells)
-    from hsc_plugin.compressors.global_svd import SVDPlan
-
     svd = SVDPlan(info, cells.S.sum(dim=(0, 1)))
     with torch.no_grad():
         ref = conv(x) - conv.bias.view(1, -1, 1, 1)
@@ -163,6 +162,79 @@ def test_regional_expansion_error_is_exact_and_beats_svd_at_equal_rank() -> None
             assert err <= last + 1e-6
             last = err
     assert plan.factorised_cost([4], "macs") == svd.factorised_cost([4], "macs")
+
+
+def _baseline_plans(conv: nn.Conv2d, x: torch.Tensor) -> tuple[LayerInfo, CellStats, dict[str, object]]:
+    """The four one-region baselines of a conv (data-aware / data-free SVD and Tucker-2)."""
+    info, cells = _cells(conv, x, (2, 2))
+    ins = CellStats(conv.in_channels, (2, 2), info.out_hw, "input", torch.device("cpu"))
+    ins.update(x, x)
+    whole = cells.S.sum(dim=(0, 1))
+    return info, cells, {"svd": SVDPlan(info, whole), "svd-datafree": SVDPlan(info, None),
+                         "tucker2": Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1))),
+                         "tucker2-datafree": Tucker2Plan(info, None, None)}
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c["groups"] == "1" and c["kernel"] != 1][::2], ids=_id)
+@pytest.mark.parametrize("base", ["svd", "svd-datafree", "tucker2", "tucker2-datafree"])
+def test_regional_expansion_of_each_baseline_is_exact_at_full_rank(cfg: dict, base: str) -> None:
+    torch.manual_seed(0)
+    model, x = _make_conv(cfg)
+    conv = model[0]
+    info, cells, plans = _baseline_plans(conv, x)
+    plan = RegionalExpansionPlan(info, plans[base], Tiling.uniform((2, 2), 2, 2), cells)
+    assert plan.family == f"{base}-regional"
+    new = plan.build(plan.full_ranks())
+    with torch.no_grad():
+        assert (new(x) - conv(x)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("base", ["svd", "svd-datafree", "tucker2", "tucker2-datafree"])
+def test_regional_expansion_of_a_baseline_keeps_its_reduction_and_costs(base: str) -> None:
+    """The base's own first factors at its own ranks, a least-squares 1×1 per region: the base's
+    MACs, one C_out × R map more per extra region in parameters, and — for an SVD, whose features
+    are exactly its basis' coordinates — calibration error at most the base's at every rank."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = _images(32, 12).repeat(1, 3, 1, 1)[:, :8]
+    info, cells, plans = _baseline_plans(conv, x)
+    one = plans[base]
+    plan = RegionalExpansionPlan(info, one, Tiling.uniform((2, 2), 2, 2), cells)
+    ranks_list = [[2], [5], [9]] if base.startswith("svd") else [[2, 4], [5, 4], [9, 6]]
+    with torch.no_grad():
+        target = conv(x)
+        for ranks in ranks_list:
+            new, ref = plan.build(ranks), one.build(ranks)
+            assert len(new.expands) == 4 and new.reduce.out_channels == ranks[0]
+            if base.startswith("svd"):
+                torch.testing.assert_close(new.reduce.weight, ref.reduce.weight)
+                err, err_ref = ((new(x) - target).norm().item(), (ref(x) - target).norm().item())
+                assert err <= err_ref * (1 + 1e-5)
+            else:
+                torch.testing.assert_close(new.first.weight, ref.first.weight)
+                torch.testing.assert_close(new.reduce.weight, ref.core.weight)
+            assert plan.factorised_cost(ranks, "macs") == one.factorised_cost(ranks, "macs")
+            assert plan.factorised_cost(ranks, "params") == one.factorised_cost(ranks, "params") + 3 * (ranks[0] * 12 + 12)
+            assert plan.retained(ranks) == one.retained(ranks)
+    with pytest.raises(ValueError, match="two regions"):
+        RegionalExpansionPlan(info, one, Tiling.full((2, 2)), cells)
+
+
+@pytest.mark.parametrize("budget", [Budget(3.0), Budget(2.5, metric="params")], ids=["macs", "params"])
+def test_the_baselines_allocations_are_also_tried_with_regional_1x1s(budget: Budget) -> None:
+    """Under MAC and parameter budgets each baseline's allocation is also tried with a 1×1 per region
+    (within the budget, parameters included); ``regional_baselines=False`` and latency budgets do not."""
+    model, x = _spatial_cnn(), _images(16, 24)
+    res = compress(model, "hsc", calib=x, budget=budget, progress=False)
+    regional = {k for k in res.report.candidates if k.endswith("regional 1x1s)")}
+    assert regional == {f"{b} ({k}, regional 1x1s)" for b in ("global_svd", "tucker2") for k in ("data-aware", "data-free")}
+    assert res.report.budget_met
+    assert res.report.calibration_error == min(res.report.candidates.values())
+    off = compress(model, "hsc", calib=x, budget=budget, progress=False, regional_baselines=False)
+    assert not any(k.endswith("regional 1x1s)") for k in off.report.candidates)
+    assert res.report.calibration_error <= off.report.calibration_error * (1 + 1e-4) + 1e-7
+    lat = compress(model, "hsc", calib=x, budget=Budget(1.3, metric="latency"), cost_model=FakeDevice(), progress=False)
+    assert not any(k.endswith("regional 1x1s)") for k in lat.report.candidates)
 
 
 @pytest.mark.parametrize("budget", [Budget(3.0), Budget(2.5, metric="params"), Budget(1.3, metric="latency")],

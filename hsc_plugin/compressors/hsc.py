@@ -31,7 +31,7 @@ from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import (FINE_CELLS, CellStats, ClusterContributions, ProjectedCellStats,
                                                    pointwise)
-from hsc_plugin.compressors.regional_plan import RegionalSVDPlan, RegionalTucker2Plan
+from hsc_plugin.compressors.regional_plan import RegionalExpansionPlan, RegionalSVDPlan, RegionalTucker2Plan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
@@ -54,10 +54,15 @@ class HSC(Compressor):
     ``quadtree``, the 8×8 fine grid for other adaptive ones; statistics memory is cells × C²
     float64 per layer, layers in groups under ``max_stats_gb``) and
     ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions) and
-    ``alternatives``: under a latency budget, also offer each layer as one region (same kind of
-    clusters) and as plain data-aware SVD, and let measured time choose per layer
-    (:mod:`hsc_plugin.form_choice`) — regions buy accuracy but cost launches, so a layer is split only
-    where that pays at the budget. MAC and parameter budgets always use the partitioner's form.
+    ``alternatives``: with a budget (MACs, parameters or latency), offer each conv in every form
+    — the partitioner's regions with each block factoriser, with and without clusters, one region
+    with clusters, data-aware SVD and Tucker-2 and their regional expansions — and water-fill the
+    forms' error-vs-cost paths in the budget's metric (:mod:`hsc_plugin.form_choice`), so a layer
+    is split only where that pays at the budget; ``False`` takes the partitioner's form everywhere.
+    ``baselines`` / ``data_free_baselines`` / ``regional_baselines``: the baselines' own
+    allocations, rebuilt from HSC's statistics, compete with HSC's (the model with the lowest
+    calibration output error is kept) — data-free too, and under MAC and parameter budgets each
+    also with its convs' final 1×1 fitted per region (:class:`RegionalExpansionPlan`).
     Grouped convs and Linear layers are compressed as one region, one cluster (data-aware SVD).
     Strategy options are forwarded by name: a partitioner that takes ``min_region`` (or ``grid``)
     gets it, a clusterer that takes ``n_clusters`` / ``seed`` gets them — built-in or not.
@@ -80,6 +85,7 @@ class HSC(Compressor):
         alternatives: bool = True,
         baselines: tuple[str, ...] = ("global_svd", "tucker2"),
         data_free_baselines: bool = True,
+        regional_baselines: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -104,6 +110,7 @@ class HSC(Compressor):
         self.block = block
         self.baselines = tuple(baselines)
         self.data_free_baselines = bool(data_free_baselines)
+        self.regional_baselines = bool(regional_baselines)
         for b in self.baselines:
             lookup("compressor", b)  # an unknown name is an error now, not after calibration
         self._block = create("block_factoriser", block, BlockFactoriser, offered={"seed": self.seed})
@@ -135,11 +142,23 @@ class HSC(Compressor):
             cls = lookup("compressor", name)
             if not cls.form_family:
                 continue
-            out.append(CandidateAllocation(f"{name} (data-aware)", tuple(cls.form_family), cls.budget_selector))
+            kinds = [("data-aware", tuple(cls.form_family))]
             if self.data_free_baselines:
-                free = tuple(f"{f}-datafree" for f in cls.form_family)
-                out.append(CandidateAllocation(f"{name} (data-free)", free, cls.budget_selector))
+                kinds.append(("data-free", tuple(f"{f}-datafree" for f in cls.form_family)))
+            for kind, fams in kinds:
+                out.append(CandidateAllocation(f"{name} ({kind})", fams, cls.budget_selector))
+            if self._regional_baselines(context):  # the same spending, each conv's final 1×1 per region
+                for kind, fams in kinds:
+                    out.append(CandidateAllocation(f"{name} ({kind}, regional 1x1s)",
+                                                   tuple(f"{f}-regional" for f in fams) + fams, cls.budget_selector))
         return out
+
+    def _regional_baselines(self, context: PlanContext | None) -> bool:
+        """Whether the baselines' allocations are also tried with a 1×1 per region: under MAC and
+        parameter budgets. (Under a latency budget every form is timed, and these are the baselines'
+        own reductions with slower, cropped outputs: four more forms per conv to time for forms that
+        the latency budget would not choose.)"""
+        return self.regional_baselines and context is not None and context.has_budget and context.metric != "latency"
 
     @staticmethod
     def _spatial(info: LayerInfo) -> bool:
@@ -273,13 +292,20 @@ class HSC(Compressor):
         regional = RegionalSVDPlan(info, tiling, outs, whole=whole) if tiling.n_regions > 1 else None
         if regional is not None:  # SVD's reduction on the whole map, a 1×1 per region
             forms.append(regional)
-        forms.append(SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)"))
+        svd = SVDPlan(info, whole, form="1 region, 1 cluster (data-aware SVD)")
+        forms.append(svd)
+        baselines: list[LayerPlan] = [svd]
         if self._tucker(info) and ins is not None:
             tucker2 = Tucker2Plan(info, whole, ins.S.sum(dim=(0, 1)), form="1 region, data-aware Tucker-2")
             forms.append(tucker2)
+            baselines.append(tucker2)
             if regional is not None:  # Tucker-2's 1×1 + core on the whole map, a 1×1 per region
                 forms.append(RegionalTucker2Plan(info, regional, tucker2))
-        return forms + self._data_free(info)
+        free = self._data_free(info)
+        regionals: list[LayerPlan] = []
+        if regional is not None and self._regional_baselines(context):  # the baselines' spending, a 1×1 per region
+            regionals = [RegionalExpansionPlan(info, p, tiling, outs) for p in baselines + free]
+        return forms + free + regionals
 
     def _data_free(self, info: LayerInfo) -> list[LayerPlan]:
         """The data-free baselines' plans (weight SVD, weight Tucker-2), for their allocations only."""

@@ -31,7 +31,7 @@ from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
 
-__all__ = ["RegionalSVDPlan", "RegionalTucker2Plan", "regional_least_squares"]
+__all__ = ["RegionalSVDPlan", "RegionalTucker2Plan", "RegionalExpansionPlan", "regional_least_squares"]
 
 
 def _cholesky(M: torch.Tensor) -> torch.Tensor:
@@ -169,3 +169,70 @@ class RegionalTucker2Plan(LayerPlan):
 
     def describe(self, ranks: list[int]) -> dict[str, Any]:
         return self.regional.describe(ranks[:1])
+
+
+class RegionalExpansionPlan(LayerPlan):
+    """The regional expansion of a one-region plan: its own factors at its own ranks on the whole
+    map, and the final 1×1 refitted per region by least squares.
+
+    ``base`` is an :class:`~hsc_plugin.compressors.global_svd.SVDPlan` or a
+    :class:`~hsc_plugin.compressors.tucker2.Tucker2Plan`, data-aware or data-free: the baselines'
+    allocations spend the budget exactly as the baseline does (same blocks, same MACs), and this
+    plan then swaps each layer's shared output map for one per region. With the base's output basis
+    U (its final 1×1), region r's map is ``S_r U (Uᵀ S_r U)⁻¹`` — exact for an SVD's features
+    ``z = Uᵀ y``, and for Tucker-2's as far as its input projection is (the refit that follows
+    corrects the rest on the data). One C_out × R map per extra region in parameters, same MACs.
+    """
+
+    def __init__(self, info: LayerInfo, base: LayerPlan, tiling: Tiling, cells: CellStats | Any) -> None:
+        if tiling.n_regions < 2:
+            raise ValueError("a regional expansion needs at least two regions")
+        self.base, self.tiling = base, tiling
+        self._moments = [cells.region(*reg) for reg in tiling.regions]
+        blocks = [RankBlock(b.energies, label=b.label) for b in base.blocks]
+        n = tiling.n_regions
+        super().__init__(info, blocks, total_energy=base.total_energy,
+                         form=f"{n} regions, regional 1x1 on {base.form or base.family}")
+        self.family = f"{base.family}-regional"
+
+    def retained(self, ranks: list[int]) -> float:
+        return self.base.retained(ranks)
+
+    def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        cost = self.base.factorised_cost(ranks, metric)
+        if metric == "macs":
+            return cost
+        m: nn.Conv2d = self.info.module
+        bias = m.out_channels if m.bias is not None else 0
+        return cost + (self.tiling.n_regions - 1) * (self._rank_out(ranks) * m.out_channels + bias)
+
+    @staticmethod
+    def _rank_out(ranks: list[int]) -> int:
+        return int(ranks[0])  # SVD: its rank; Tucker-2: (R_out, R_in)
+
+    def build(self, ranks: list[int]) -> nn.Module:
+        m: nn.Conv2d = self.info.module
+        one = self.base.build(ranks)
+        tucker = hasattr(one, "first") and hasattr(one, "core")
+        last = one.last if tucker else one.expand
+        K = int(last.in_channels)
+        new = RegionalExpansionConv2d(m.in_channels, m.out_channels, conv_geometry(m), self.tiling, K,
+                                      base="tucker2" if tucker else "svd",
+                                      rank_in=int(one.first.out_channels) if tucker else None,
+                                      bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+        if tucker:
+            new.first.weight.data.copy_(one.first.weight.data)
+            new.reduce.weight.data.copy_(one.core.weight.data)
+        else:
+            new.reduce.weight.data.copy_(one.reduce.weight.data)
+        U = last.weight.detach().double().reshape(m.out_channels, K)
+        for S_r, e in zip(self._moments, new.expands):
+            L = _cholesky(U.T @ S_r @ U)
+            e.weight.data.copy_(torch.cholesky_solve((S_r @ U).T, L).T[:, :, None, None])
+            if m.bias is not None:
+                e.bias.data.copy_(m.bias.detach())
+        return new
+
+    def describe(self, ranks: list[int]) -> dict[str, Any]:
+        return {"tiling": self.tiling.to_dict(), "regions": self.tiling.n_regions,
+                **self.base.describe(ranks)}
