@@ -20,6 +20,7 @@ __all__ = [
     "CalibrationError",
     "iter_batches",
     "first_batch",
+    "first_samples",
     "LayerInfo",
     "trace_layers",
     "Accumulator",
@@ -80,6 +81,18 @@ def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[torch.Tensor]:
         yield x
     if count == 0:
         raise CalibrationError("Calibration data is empty: it yielded no batch")
+
+
+def first_samples(calib: Any, n: int) -> torch.Tensor:
+    """The first ``n`` calibration samples as one tensor (what recovery and the choice of candidate
+    run on, and what the report's per-layer errors are measured on after a work-capped choice)."""
+    parts, have = [], 0
+    for x in iter_batches(calib):
+        parts.append(x[: n - have])
+        have += parts[-1].shape[0]
+        if have >= n:
+            break
+    return torch.cat(parts)
 
 
 def first_batch(calib: Any) -> torch.Tensor:

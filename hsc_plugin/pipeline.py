@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from hsc_plugin.allocation import Allocation, keep_families, restrict, statistics_groups
 from hsc_plugin.budget import Budget, BudgetError
-from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, measure_errors, progress_enabled, \
+from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, first_samples, measure_errors, progress_enabled, \
     run_calibration, trace_layers
 from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.decomposition import DecompositionWarning
@@ -302,9 +302,7 @@ def measure(compressor: "Compressor", prep: Prepared, chosen: Selected) -> tuple
         calib = prep.calib
         stage = (chosen.recovery or {}).get("selection")
         if stage and stage["samples"] < stage["asked_samples"]:  # a work-capped selection: the same subset
-            from hsc_plugin.selection import _subset
-
-            calib = _subset(prep.calib, stage["samples"])
+            calib = first_samples(prep.calib, stage["samples"])
         errors = measure_errors(prep.work, chosen.modules, calib, desc=f"{compressor.name}: measuring error",
                                 progress=compressor.progress)
     return errors, measure_costs(chosen.model, prep.example)

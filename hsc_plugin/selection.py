@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.allocation import Allocation
+from hsc_plugin.calibration import first_samples
 
 if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
@@ -71,19 +72,6 @@ class _Replay(nn.Module):
         if key not in self._cache:
             self._cache[key] = self.reference(x)
         return self._cache[key]
-
-
-def _subset(calib: Any, n: int) -> torch.Tensor:
-    """The first ``n`` calibration samples as one tensor (what recovery and the choice run on)."""
-    from hsc_plugin.calibration import iter_batches
-
-    parts, have = [], 0
-    for x in iter_batches(calib):
-        parts.append(x[: n - have])
-        have += parts[-1].shape[0]
-        if have >= n:
-            break
-    return torch.cat(parts)
 
 
 def _distributed() -> bool:
@@ -152,7 +140,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
         alloc = allocations[names[0]]
         return Selected(names[0], alloc, _install(prep.work, alloc.modules))
-    calib = _subset(prep.calib, compressor.selection_samples)
+    calib = first_samples(prep.calib, compressor.selection_samples)
     reference: nn.Module = prep.work
     recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
     stage: dict[str, Any] = {"refit": "each" if compressor.sequential_refit else "none"}

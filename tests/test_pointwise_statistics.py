@@ -104,3 +104,35 @@ def test_hsc_runs_one_calibration_pass_when_every_layer_is_pointwise() -> None:
         assert passes == [["0", "2", "4"], ["2"]]
     finally:
         mp.undo()
+
+
+def test_accumulators_that_need_no_pass_are_neither_fed_nor_summed_across_processes(monkeypatch) -> None:
+    """Under torch.distributed each rank's sums are all-reduced; an accumulator complete without data
+    (derived from others, which are summed) must not be, or it would count every other rank twice."""
+    import torch.distributed as dist
+
+    from hsc_plugin.calibration import Accumulator, OutputMoment
+
+    class Derived(Accumulator):
+        needs_pass = False
+
+        def __init__(self) -> None:
+            self.S = torch.ones(3, 3, dtype=torch.float64)
+            self.fed = 0
+
+        def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            self.fed += 1
+
+        def tensors(self) -> list[torch.Tensor]:
+            return [self.S]
+
+    reduced: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: reduced.append(t))
+    conv = nn.Conv2d(5, 4, 3).eval()
+    live, derived = OutputMoment(4, torch.device("cpu")), Derived()
+    n = run_calibration(nn.Sequential(conv), {"0": [live, derived]}, _x(), progress=False)
+    assert n == 6 and derived.fed == 0 and float(live.count) > 0
+    assert any(t is live.S for t in reduced) and not any(t is derived.S for t in reduced)
+    torch.testing.assert_close(derived.S, torch.ones(3, 3, dtype=torch.float64))
