@@ -23,6 +23,7 @@ __all__ = [
     "sqrtm_psd",
     "tucker2",
     "Tucker2Bases",
+    "fold_input_factor",
     "mode_gram",
     "evbmf_rank",
     "Moment",
@@ -248,6 +249,13 @@ class Tucker2Bases:
         U_out, lift_in = self.U_out[:, :rank_out], self.lift_in[:, :rank_in]
         core = torch.einsum("oikl,or,is->rskl", self.W, U_out, lift_in)
         return U_out, core, self.proj_in[:, :rank_in]
+
+
+def fold_input_factor(core: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The k×k weight (R_out × C_in × kh × kw) of a 1×1 with weight ``first`` (R_in × C_in) followed by
+    the k×k ``core`` (R_out × R_in × kh × kw): Tucker-2 at full input rank, where the first 1×1 is
+    invertible and a separate kernel costs time for nothing."""
+    return torch.einsum("rskl,si->rikl", core, first)
 
 
 def tucker2(

@@ -11,6 +11,7 @@ from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import region_pixels
+from hsc_plugin.decomposition import fold_input_factor
 from hsc_plugin.modules import LowRankConv2d, SpatioChannelConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.strategy import BlockFactors
@@ -129,7 +130,7 @@ class HSCPlan(LayerPlan):
             last = new.expand
         elif rk[1] >= m.in_channels:  # full input rank: fold the invertible first 1×1 into the core
             new = LowRankConv2d(m.in_channels, m.out_channels, rk[0], conv_geometry(m), **kw)
-            new.reduce.weight.data.copy_(torch.einsum("rskl,si->rikl", f[1], f[0]))
+            new.reduce.weight.data.copy_(fold_input_factor(f[1], f[0]))
             new.expand.weight.data.copy_(f[2][:, :, None, None])
             last = new.expand
         else:

@@ -26,7 +26,7 @@ from torch import nn
 from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
 from hsc_plugin.compressors.tucker2 import Tucker2Plan, kept_fractions_product
-from hsc_plugin.decomposition import Moment
+from hsc_plugin.decomposition import Moment, fold_input_factor
 from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
@@ -157,7 +157,7 @@ class RegionalTucker2Plan(LayerPlan):
                                       base="svd" if folded else "tucker2", rank_in=None if folded else r_in,
                                       bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
         if folded:  # k×k (C_in → R_out): the regional SVD's reduction, the same map
-            new.reduce.weight.data.copy_(torch.einsum("rskl,is->rikl", core, V_in))
+            new.reduce.weight.data.copy_(fold_input_factor(core, V_in.T))
         else:
             new.first.weight.data.copy_(V_in.T[:, :, None, None])
             new.reduce.weight.data.copy_(core)

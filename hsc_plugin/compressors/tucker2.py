@@ -8,7 +8,7 @@ from torch import nn
 from hsc_plugin.calibration import Accumulator, InputChannelMoment, LayerInfo, OutputMoment
 from hsc_plugin.compressors.base import Compressor
 from hsc_plugin.compressors.global_svd import SVDPlan, group_blocks, weight_gram_eig
-from hsc_plugin.decomposition import Moment, Tucker2Bases
+from hsc_plugin.decomposition import Moment, Tucker2Bases, fold_input_factor
 from hsc_plugin.modules import LowRankConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, PlanContext, RankBlock
 
@@ -112,7 +112,7 @@ class Tucker2Plan(LayerPlan):
         if self.input_folded(r_in):  # k×k (C_in→R_out) → 1×1: the SVD form, exact same map
             low = LowRankConv2d(m.in_channels, m.out_channels, r_out, conv_geometry(m), groups=self.groups,
                                 bias=m.bias is not None, **kw)
-            folded = [torch.einsum("rskl,si->rikl", c, vt) for c, vt in zip(cores, firsts)]
+            folded = [fold_input_factor(c, vt) for c, vt in zip(cores, firsts)]
             low.reduce.weight.data.copy_(torch.cat(folded, 0))
             low.expand.weight.data.copy_(torch.cat(lasts, 0)[:, :, None, None])
             if m.bias is not None:
