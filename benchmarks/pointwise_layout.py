@@ -11,25 +11,14 @@ three executions, so the kernel behind it can be checked on any machine and PyTo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _common import median_ms  # benchmarks/_common.py (scripts run from this folder)
+
 # (batch, C_in, C_out, map side)
 SHAPES = [(1, 64, 20, 63), (8, 64, 20, 63), (8, 192, 40, 31), (8, 40, 192, 31), (1, 20, 192, 63), (8, 20, 192, 63)]
-
-
-def _median_ms(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -46,9 +35,9 @@ def main() -> None:
             x = torch.randn(n, ci, hw, hw)
             w = torch.randn(co, ci, 1, 1)
             xc = x.contiguous(memory_format=torch.channels_last)
-            nchw = _median_ms(lambda: F.conv2d(x, w), args.runs)
-            nhwc = _median_ms(lambda: F.conv2d(xc, w), args.runs)
-            mm = _median_ms(lambda: torch.matmul(w.view(co, ci), x.view(n, ci, hw * hw)), args.runs)
+            nchw = median_ms(lambda: F.conv2d(x, w), args.runs)
+            nhwc = median_ms(lambda: F.conv2d(xc, w), args.runs)
+            mm = median_ms(lambda: torch.matmul(w.view(co, ci), x.view(n, ci, hw * hw)), args.runs)
             print(f"| {n} | {ci} → {co} | {hw}×{hw} | {nchw:.2f} | {nhwc:.2f} | {mm:.2f} |", flush=True)
 
 

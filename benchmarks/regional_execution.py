@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from _common import emit  # benchmarks/_common.py (scripts run from this folder)
+from _common import emit, median_ms  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin.modules import RegionalExpansionConv2d
 from hsc_plugin.mri.report import machine_description
 from hsc_plugin.tiling import Tiling, output_box
@@ -72,17 +70,6 @@ def stacked(mod: RegionalExpansionConv2d, x: torch.Tensor, index: torch.Tensor) 
     return y.view(N, n, C, H * W).gather(1, index.view(1, 1, 1, H * W).expand(N, 1, C, H * W)).view(N, C, H, W)
 
 
-def _median_ms(fn: Callable[[], torch.Tensor], runs: int) -> float:
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts)[len(ts) // 2]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -113,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             ref = mod(x)
             for name in ("bmm", "einsum", "stacked"):  # every way computes the module's output
                 assert (ways[name]() - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item()), name
-            best = {name: min(_median_ms(fn, runs) for _ in range(1)) for name, fn in ways.items()}
+            best = {name: min(median_ms(fn, runs, warmup=5) for _ in range(1)) for name, fn in ways.items()}
             for _ in range(args.rounds - 1):
                 for name, fn in ways.items():
-                    best[name] = min(best[name], _median_ms(fn, runs))
+                    best[name] = min(best[name], median_ms(fn, runs, warmup=5))
         crops = best["crops"]
         lines.append(f"| {cin} → {cout}, {k}×{k}, {hw}×{hw}, {rank} | {batch} | {best['one region']:.3f} | {crops:.3f} | "
                      + " | ".join(f"{crops / best[n]:.2f}×" for n in ("bmm", "einsum", "stacked")) + " |")
