@@ -220,6 +220,17 @@ def test_regional_expansion_of_a_baseline_keeps_its_reduction_and_costs(base: st
         RegionalExpansionPlan(info, one, Tiling.full((2, 2)), cells)
 
 
+def test_regional_expansion_of_a_layer_that_is_not_svd_or_tucker2_is_a_clear_error() -> None:
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    x = _images(8, 12).repeat(1, 3, 1, 1)[:, :8]
+    info, cells, plans = _baseline_plans(conv, x)
+    base = plans["svd"]
+    base.build = lambda ranks: nn.Conv2d(8, 12, 3, padding=1)  # e.g. a third-party plan's module
+    plan = RegionalExpansionPlan(info, base, Tiling.uniform((2, 2), 2, 2), cells)
+    with pytest.raises(TypeError, match="regional expansion of a Conv2d"):
+        plan.build([4])
+
+
 @pytest.mark.parametrize("budget", [Budget(3.0), Budget(2.5, metric="params")], ids=["macs", "params"])
 def test_the_baselines_allocations_are_also_tried_with_regional_1x1s(budget: Budget) -> None:
     """Under MAC and parameter budgets each baseline's allocation is also tried with a 1×1 per region

@@ -27,7 +27,7 @@ from hsc_plugin.calibration import LayerInfo
 from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
 from hsc_plugin.compressors.tucker2 import Tucker2Plan, kept_fractions_product
 from hsc_plugin.decomposition import Moment, fold_input_factor
-from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
+from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
 
@@ -199,32 +199,32 @@ class RegionalExpansionPlan(LayerPlan):
         return self.base.retained(ranks)
 
     def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        """The base's, plus, in parameters, the extra regions' 1×1s (C_out × R and a bias each; R is
+        the base's first rank: an SVD's rank, Tucker-2's output rank)."""
         cost = self.base.factorised_cost(ranks, metric)
         if metric == "macs":
             return cost
         m: nn.Conv2d = self.info.module
         bias = m.out_channels if m.bias is not None else 0
-        return cost + (self.tiling.n_regions - 1) * (self._rank_out(ranks) * m.out_channels + bias)
-
-    @staticmethod
-    def _rank_out(ranks: list[int]) -> int:
-        return int(ranks[0])  # SVD: its rank; Tucker-2: (R_out, R_in)
+        return cost + (self.tiling.n_regions - 1) * (int(ranks[0]) * m.out_channels + bias)
 
     def build(self, ranks: list[int]) -> nn.Module:
         m: nn.Conv2d = self.info.module
         one = self.base.build(ranks)
-        tucker = hasattr(one, "first") and hasattr(one, "core")
-        last = one.last if tucker else one.expand
+        if isinstance(one, Tucker2Conv2d):
+            first, reduce, last = one.first, one.core, one.last
+        elif isinstance(one, LowRankConv2d):
+            first, reduce, last = None, one.reduce, one.expand
+        else:
+            raise TypeError(f"regional expansion of a {type(one).__name__}: needs an SVD or a Tucker-2 layer")
         K = int(last.in_channels)
         new = RegionalExpansionConv2d(m.in_channels, m.out_channels, conv_geometry(m), self.tiling, K,
-                                      base="tucker2" if tucker else "svd",
-                                      rank_in=int(one.first.out_channels) if tucker else None,
+                                      base="svd" if first is None else "tucker2",
+                                      rank_in=None if first is None else int(first.out_channels),
                                       bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-        if tucker:
-            new.first.weight.data.copy_(one.first.weight.data)
-            new.reduce.weight.data.copy_(one.core.weight.data)
-        else:
-            new.reduce.weight.data.copy_(one.reduce.weight.data)
+        if first is not None:
+            new.first.weight.data.copy_(first.weight.data)
+        new.reduce.weight.data.copy_(reduce.weight.data)
         U = last.weight.detach().double().reshape(m.out_channels, K)
         for S_r, e in zip(self._moments, new.expands):
             L = _cholesky(U.T @ S_r @ U)
