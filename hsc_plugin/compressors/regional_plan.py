@@ -188,7 +188,9 @@ class RegionalExpansionPlan(LayerPlan):
         if tiling.n_regions < 2:
             raise ValueError("a regional expansion needs at least two regions")
         self.base, self.tiling = base, tiling
-        self._moments = [cells.region(*reg) for reg in tiling.regions]
+        # One copy per layer and tiling, shared by the layer's four baselines (C_out² float64 a region).
+        self._moments = info.derived(("region moments", tiling.grid, tiling.regions),
+                                     lambda: [cells.region(*reg) for reg in tiling.regions])
         blocks = [RankBlock(b.energies, label=b.label) for b in base.blocks]
         n = tiling.n_regions
         super().__init__(info, blocks, total_energy=base.total_energy,
