@@ -55,6 +55,17 @@ def regional_least_squares(S_r: torch.Tensor, P: torch.Tensor) -> tuple[torch.Te
     return G.pow(2).sum(dim=0), Q, L
 
 
+def _least_squares_map(Q: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """The C_out × K map ``Q (L Lᵀ)⁻¹`` of :func:`regional_least_squares` (at rank K: its first K
+    columns of Q and leading K × K block of L)."""
+    return torch.cholesky_solve(Q.T, L).T
+
+
+def _maps_params(module: nn.Conv2d, n: int, rank: int) -> int:
+    """Parameters of ``n`` regional 1×1 maps, rank → C_out, each with the layer's bias."""
+    return n * (rank * module.out_channels + (module.out_channels if module.bias is not None else 0))
+
+
 class RegionalSVDPlan(LayerPlan):
     """One rank K: k×k reduce with SVD's K filters on the whole map, a 1×1 per region."""
 
@@ -87,14 +98,12 @@ class RegionalSVDPlan(LayerPlan):
         m: nn.Conv2d = self.info.module
         if metric == "macs":
             return float(K * (m.in_channels * self.kk + m.out_channels) * self.info.positions)
-        bias = m.out_channels if m.bias is not None else 0
-        return float(K * m.in_channels * self.kk + self.tiling.n_regions * (K * m.out_channels + bias))
+        return float(K * m.in_channels * self.kk + _maps_params(m, self.tiling.n_regions, K))
 
     def expansion(self, region: int, K: int) -> torch.Tensor:
         """Region ``region``'s 1×1 (C_out × K) at rank K: least squares of y on the K features."""
         Q, L = self._fits[region]
-        LK = L[:K, :K]
-        return torch.cholesky_solve(Q[:, :K].T, LK).T
+        return _least_squares_map(Q[:, :K], L[:K, :K])
 
     def build(self, ranks: list[int]) -> nn.Module:
         K = ranks[0]
@@ -144,9 +153,7 @@ class RegionalTucker2Plan(LayerPlan):
         cost = self.tucker2.factorised_cost(ranks, metric)
         if metric == "macs":
             return cost
-        m: nn.Conv2d = self.info.module
-        bias = m.out_channels if m.bias is not None else 0
-        return cost + (self.tiling.n_regions - 1) * (ranks[0] * m.out_channels + bias)
+        return cost + _maps_params(self.info.module, self.tiling.n_regions - 1, ranks[0])
 
     def build(self, ranks: list[int]) -> nn.Module:
         r_out, r_in = ranks
@@ -206,9 +213,7 @@ class RegionalExpansionPlan(LayerPlan):
         cost = self.base.factorised_cost(ranks, metric)
         if metric == "macs":
             return cost
-        m: nn.Conv2d = self.info.module
-        bias = m.out_channels if m.bias is not None else 0
-        return cost + (self.tiling.n_regions - 1) * (int(ranks[0]) * m.out_channels + bias)
+        return cost + _maps_params(self.info.module, self.tiling.n_regions - 1, int(ranks[0]))
 
     def build(self, ranks: list[int]) -> nn.Module:
         m: nn.Conv2d = self.info.module
@@ -229,8 +234,8 @@ class RegionalExpansionPlan(LayerPlan):
         new.reduce.weight.data.copy_(reduce.weight.data)
         U = last.weight.detach().double().reshape(m.out_channels, K)
         for S_r, e in zip(self._moments, new.expands):
-            L = _cholesky(U.T @ S_r @ U)
-            e.weight.data.copy_(torch.cholesky_solve((S_r @ U).T, L).T[:, :, None, None])
+            _, Q, L = regional_least_squares(S_r, U)
+            e.weight.data.copy_(_least_squares_map(Q, L)[:, :, None, None])
             if m.bias is not None:
                 e.bias.data.copy_(m.bias.detach())
         return new
