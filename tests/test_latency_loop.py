@@ -95,8 +95,10 @@ def test_closed_loop_lands_where_the_open_loop_misses(device, ratio: float, miss
         assert r["target_ms"] > 0 and r["predicted_ms"] > 0
     assert closed.report.budget_met and closed.report.achieved_ratio == pytest.approx(_speedup(closed))
     assert "closed loop: " in closed.report.table() and f"kept round {kept[0]['round']}" in closed.report.table()
-    # Whole-model timings: the dense model, one per round, the final measurement. Layers are not re-timed.
-    assert dev.whole == len(rounds) + 2
+    # Whole-model timings: the dense model; per round the dense and the compressed model, paired;
+    # a confirming pair for each round that met the ceiling; the final measurement. Layers are not re-timed.
+    assert dev.whole == 1 + 2 * len(rounds) + 2 * sum(r["confirmed"] for r in rounds) + 1
+    assert all(r["confirmed"] == (r["speedup"] >= ratio / (1 + closed.report.budget["tolerance"])) for r in rounds)
     assert_unchanged(model, snap)
     with torch.no_grad():
         assert closed.model(X).shape == (8, 10)
@@ -201,3 +203,67 @@ def test_mac_and_param_budgets_and_target_scope_are_untouched() -> None:
 def test_latency_rounds_is_validated(bad) -> None:
     with pytest.raises(ValueError, match="latency_rounds"):
         compress(wide_cnn(), "global_svd", calib=X, budget=Budget(2.0, metric="latency"), latency_rounds=bad)
+
+
+def _compressed(module: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("hsc_plugin") for m in module.modules())
+
+
+class Drifting(Skewed):
+    """The machine gets ``slow`` × slower for everything after the dense model's first timing (another
+    job started): a round timed alone would read slower than it is and the loop would give accuracy
+    away; timed beside the dense model, the speed-up is unchanged."""
+
+    def __init__(self, slow: float) -> None:
+        super().__init__(launch_alone=0.1, launch_model=0.01)
+        self.slow = slow
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        first = self.whole == 0
+        t = super().time(module, input_shape)
+        return t if first or not any(isinstance(m, nn.Flatten) for m in module.modules()) else t * self.slow
+
+
+class Lucky(Skewed):
+    """Every other whole-model timing of a compressed model reads ``luck`` × its time (a quiet moment
+    on a noisy machine); the dense model always reads true."""
+
+    def __init__(self, luck: float) -> None:
+        super().__init__(launch_alone=0.1, launch_model=0.01)
+        self.luck, self.compressed_timings = luck, 0
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        t = super().time(module, input_shape)
+        if any(isinstance(m, nn.Flatten) for m in module.modules()) and _compressed(module):
+            self.compressed_timings += 1
+            return t * self.luck if self.compressed_timings % 2 == 1 else t
+        return t
+
+
+@pytest.mark.parametrize("slow", [1.5, 0.7])
+def test_rounds_are_judged_beside_the_dense_model_so_drift_does_not_move_the_landing(slow: float) -> None:
+    ratio = 2.0
+    dev = Drifting(slow)
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(ratio, metric="latency"), cost_model=dev,
+                   progress=False)
+    rounds = res.report.latency["rounds"]
+    for r in rounds:
+        assert r["dense_ms"] == pytest.approx(slow * res.report.latency["before_ms"])  # the drift is there
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["model_ms"])  # and cancels in the pair
+    true = Skewed(launch_alone=0.1, launch_model=0.01)
+    speedup = true.time(wide_cnn(), SHAPE) / true.time(res.model, SHAPE)
+    assert ratio <= speedup <= WINDOW * ratio
+
+
+def test_a_landing_is_confirmed_by_a_second_timing_and_judged_by_the_slower() -> None:
+    """One lucky timing lands a round that is really too slow: the confirming timing catches it and
+    the loop goes on, so what it keeps lands on the true times."""
+    ratio = 2.0
+    dev = Lucky(0.8)
+    res = compress(wide_cnn(), "global_svd", calib=X, budget=Budget(ratio, metric="latency"), cost_model=dev,
+                   progress=False)
+    kept = next(r for r in res.report.latency["rounds"] if r["kept"])
+    true = Skewed(launch_alone=0.1, launch_model=0.01)
+    assert kept["model_ms"] == pytest.approx(true.time(res.model, SHAPE))  # the unlucky (true) reading
+    speedup = true.time(wide_cnn(), SHAPE) / true.time(res.model, SHAPE)
+    assert ratio <= speedup <= WINDOW * ratio
