@@ -59,3 +59,28 @@ def test_channels_last_times_nhwc_copies_and_leaves_the_models_alone():
     r = measure_interleaved({"conv": conv}, (3, 16, 16), runs=3, warmup=1, threads=1, channels_last=True)
     assert r["conv"]["median_ms"] > 0 and r["conv"]["runs"] == 3
     assert conv.weight.is_contiguous()  # still NCHW: the NHWC copy was timed
+
+
+class _CacheClock(_FakeClock):
+    """A call costs ``cold`` ms more when another model ran just before it (its caches were flushed)."""
+
+    def __init__(self, cost: dict[int, float], cold: float) -> None:
+        super().__init__(cost, 0.0, 0)
+        self.cold, self.last = cold, None
+
+    def run(self, key: int) -> None:
+        self.calls += 1
+        self.t += self.cost[key] + (self.cold if self.last is not None and self.last != key else 0.0)
+        self.last = key
+
+
+@pytest.mark.parametrize("block", [2, 3, 5])
+def test_warm_turns_time_each_model_as_it_runs_alone(block: int) -> None:
+    clock = _CacheClock({0: 10.0, 1: 2.0}, cold=3.0)
+    r = measure_interleaved(_models(clock), (1,), runs=7, warmup=1, threads=None, timer=clock, block=block)
+    assert r["dense"]["median_ms"] == pytest.approx(10.0) and r["compressed"]["median_ms"] == pytest.approx(2.0)
+    assert r["dense"]["runs"] == r["compressed"]["runs"] == 7
+    plain = measure_interleaved(_models(clock), (1,), runs=7, warmup=1, threads=None, timer=clock)
+    assert plain["compressed"]["median_ms"] == pytest.approx(5.0)  # every call right after the other model
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        measure_interleaved(_models(clock), (1,), runs=7, threads=None, timer=clock, block=0)

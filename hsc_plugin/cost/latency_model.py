@@ -73,17 +73,19 @@ class LatencyCostModel:
         return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
                                threads=self.threads, channels_last=self.channels_last)["median_ms"]
 
-    def time_many(self, modules: dict[str, nn.Module], input_shape: tuple[int, ...]) -> dict[str, float]:
+    def time_many(self, modules: dict[str, nn.Module], input_shape: tuple[int, ...], *,
+                  block: int = 1) -> dict[str, float]:
         """Median milliseconds of several modules on one input shape. The built-in torch timer runs
-        them round-robin (A, B, A, B …: :func:`~hsc_plugin.cost.timing.measure_interleaved`), so a
-        busy machine slows every candidate alike instead of faking a speed-up; a subclass that
-        overrides :meth:`time` (another device, a fake one) is asked for each in turn."""
+        them round-robin (A, B, A, B …: :func:`~hsc_plugin.cost.timing.measure_interleaved`; with
+        ``block`` > 1 in warm turns, A A A, B B B …, the first call of each untimed), so a busy
+        machine slows every candidate alike instead of faking a speed-up; a subclass that overrides
+        :meth:`time` (another device, a fake one) is asked for each in turn."""
         if type(self).time is not LatencyCostModel.time or self.runtime != "torch":
             return {k: self.time(m, input_shape) for k, m in modules.items()}
         from hsc_plugin.cost.timing import measure_interleaved
 
         res = measure_interleaved(modules, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
-                                  threads=self.threads, channels_last=self.channels_last)
+                                  threads=self.threads, channels_last=self.channels_last, block=block)
         return {k: float(v["median_ms"]) for k, v in res.items()}
 
     def _samples(self, plan: "LayerPlan") -> list[tuple[int, ...]]:

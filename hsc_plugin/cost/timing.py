@@ -92,6 +92,7 @@ def measure_interleaved(
     max_iqr: float = DISTURBED_IQR,
     timer: Callable[[], float] = time.perf_counter,
     channels_last: bool = False,
+    block: int = 1,
 ) -> dict[str, dict[str, float | bool]]:
     """Time several models round-robin (A, B, A, B, ...) after ``warmup`` rounds.
 
@@ -99,7 +100,8 @@ def measure_interleaved(
     Interleaved, a disturbance hits every model alike. Returns per model ``median_ms``, ``p25_ms``,
     ``p75_ms`` and ``disturbed`` (IQR/median above ``max_iqr``: report "disturbed", not a number).
     ``channels_last`` (4-D inputs) times NHWC copies of the models on NHWC inputs; the caller's
-    models are left as they are. On CPU.
+    models are left as they are. On CPU. ``block``: see :func:`round_robin` (> 1 times each model
+    warm, as it runs deployed, instead of right after the others have flushed the caches).
     """
     xs = {}
     for name, m in models.items():
@@ -115,7 +117,7 @@ def measure_interleaved(
             for n, m in models.items():
                 m.eval()
             return round_robin({n: functools.partial(m, xs[n]) for n, m in models.items()}, runs=runs,
-                               warmup=warmup, max_iqr=max_iqr, timer=timer)
+                               warmup=warmup, max_iqr=max_iqr, timer=timer, block=block)
     finally:
         for n, m in models.items():
             m.train(modes[n])
@@ -123,18 +125,30 @@ def measure_interleaved(
 
 def round_robin(calls: Mapping[str, Callable[[], Any]], *, runs: int, warmup: int,
                 max_iqr: float = DISTURBED_IQR,
-                timer: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, float | bool]]:
+                timer: Callable[[], float] = time.perf_counter, block: int = 1) -> dict[str, dict[str, float | bool]]:
     """Call each of ``calls`` in turn (A, B, A, B, ...) ``warmup + runs`` times and :func:`summarise`
     the last ``runs`` times of each: the one timing loop of every interleaved measurement (torch
-    models here, ONNX Runtime sessions in :mod:`hsc_plugin.cost.ort`)."""
+    models here, ONNX Runtime sessions in :mod:`hsc_plugin.cost.ort`).
+
+    ``block`` > 1: each turn calls a model ``block`` times and times all but the first (A A A, B B B,
+    …), until each has ``runs`` timings. The first call of a turn refills the caches the other
+    models evicted, so the times are the warm, back-to-back ones of a model running alone (a 3.7-GMAC
+    AlexNet at batch 1 streams 240 MB of weights per call: a compressed model timed right after it
+    reads 7 % slower, ``benchmarks/results/timing_order.md``), while a disturbance still hits every
+    model alike, turn by turn."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     times: dict[str, list[float]] = {n: [] for n in calls}
-    for i in range(warmup + runs):
+    timed = max(1, block - 1)
+    turns = -(-runs // timed)
+    for i in range(warmup + turns):
         for n, call in calls.items():
-            t0 = timer()
-            call()
-            dt = (timer() - t0) * 1e3
-            if i >= warmup:
-                times[n].append(dt)
+            for j in range(block):
+                t0 = timer()
+                call()
+                dt = (timer() - t0) * 1e3
+                if i >= warmup and (block == 1 or j > 0) and len(times[n]) < runs:
+                    times[n].append(dt)
     return {n: summarise(t, max_iqr) for n, t in times.items()}
 
 
