@@ -95,6 +95,28 @@ def first_samples(calib: Any, n: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _Skipping:
+    """The calibration data without its first ``n`` samples, iterable as often as asked."""
+
+    def __init__(self, calib: Any, n: int) -> None:
+        self.calib, self.n = calib, int(n)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        skip = self.n
+        for x in iter_batches(self.calib):
+            if skip >= x.shape[0]:
+                skip -= x.shape[0]
+                continue
+            yield x[skip:]
+            skip = 0
+
+
+def skip_samples(calib: Any, n: int) -> Any:
+    """The calibration data without its first ``n`` samples (``calib`` itself when ``n`` is 0): what
+    the fits see when the first ones are held out to choose among candidate allocations."""
+    return calib if n <= 0 else _Skipping(calib, n)
+
+
 def first_batch(calib: Any) -> torch.Tensor:
     """The first calibration batch (for shape tracing); does not consume a tensor."""
     return next(iter_batches(calib))

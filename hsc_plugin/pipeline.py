@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from hsc_plugin.allocation import Allocation, keep_families, restrict, statistics_groups
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.calibration import CalibrationError, LayerInfo, first_batch, first_samples, measure_errors, progress_enabled, \
-    run_calibration, trace_layers
+    run_calibration, skip_samples, trace_layers
 from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.decomposition import DecompositionWarning
 from hsc_plugin.latency_loop import allocate_measured
@@ -73,6 +73,8 @@ class Prepared:
     live: list[str]  # targets that can be planned (executed once per forward)
     reports: dict[str, LayerReport] = field(default_factory=dict)  # layers left as they are, and why
     notes: dict[str, list[str]] = field(default_factory=dict)  # per layer: decompositions that needed a fallback
+    held: torch.Tensor | None = None  # samples held out of every fit, to choose among candidates (``holdout``)
+    fit: Any = None  # the calibration data the fits see: ``calib`` without the held-out samples
 
     @property
     def target_names(self) -> list[str]:
@@ -146,7 +148,34 @@ def prepare(compressor: "Compressor", model: nn.Module, calib: Any, targets: Tar
                                       before.module_macs.get(n, 0))
         else:
             live.append(n)
-    return Prepared(model, work, calib, budget, example, context, selector, names, infos, before, live, reports)
+    held, fit = _holdout(compressor, calib, budget, context)
+    return Prepared(model, work, calib, budget, example, context, selector, names, infos, before, live, reports,
+                    held=held, fit=fit)
+
+
+MIN_HELD_OUT = 8
+"""Fewest held-out samples a choice among candidates is made on; below it (``holdout`` times the
+selection samples) nothing is held out and a warning says so."""
+
+
+def _holdout(compressor: "Compressor", calib: Any, budget: Budget | None,
+             context: PlanContext) -> tuple[torch.Tensor | None, Any]:
+    """(the held-out samples, the data the fits see): with ``holdout`` > 0, calibration data, a budget
+    and candidate allocations to choose among, the first ``holdout`` × ``selection_samples`` samples
+    are held out; otherwise nothing is, and the fits see all of ``calib``."""
+    from hsc_plugin.selection import _distributed
+
+    if (calib is None or budget is None or compressor.holdout <= 0 or _distributed()
+            or not compressor.candidate_allocations(context)):
+        return None, calib
+    sel = first_samples(calib, compressor.selection_samples)
+    n = int(compressor.holdout * sel.shape[0])
+    if n < MIN_HELD_OUT or n >= sel.shape[0]:
+        warnings.warn(f"{compressor.name}: holdout={compressor.holdout:g} of {sel.shape[0]} selection samples is "
+                      f"{n}, outside [{MIN_HELD_OUT}, {sel.shape[0] - 1}]: nothing is held out, the candidates "
+                      "are compared on the fitting data", stacklevel=4)
+        return None, calib
+    return sel[:n], skip_samples(calib, n)
 
 
 def _example(model: nn.Module, calib: Any, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -237,11 +266,11 @@ def _calibrate(compressor: "Compressor", prep: Prepared, group: list[str], ctx: 
     stats = {n: call_hook(compressor.statistics, prep.infos[n], context=ctx) for n in group}
     if not any(stats.values()):
         return stats, 0
-    n = run_calibration(prep.work, stats, prep.calib, progress=compressor.progress, stop_early=True,
+    n = run_calibration(prep.work, stats, prep.fit, progress=compressor.progress, stop_early=True,
                         desc=f"{compressor.name}: calibration{tag}")
     extra = {m: call_hook(compressor.second_statistics, prep.infos[m], stats[m], context=ctx) for m in group}
     if any(a.needs_pass for accs in extra.values() for a in accs):  # some are not derived from the first pass
-        run_calibration(prep.work, extra, prep.calib, progress=compressor.progress, stop_early=True,
+        run_calibration(prep.work, extra, prep.fit, progress=compressor.progress, stop_early=True,
                         desc=f"{compressor.name}: calibration 2{tag}")
     if any(extra.values()):
         stats = {m: stats[m] + extra[m] for m in group}

@@ -112,7 +112,9 @@ class Report:
             )
         if self.calibration_error is not None:
             tried = ", ".join(f"{k} {v:.4f}" for k, v in self.candidates.items()) if len(self.candidates) > 1 else ""
+            held = (self.recovery or {}).get("held_out")
             lines.append(f"calibration output error {self.calibration_error:.4f}"
+                         + (f" on {held['samples']} held-out samples (fit {held['fit_error']:.4f})" if held else "")
                          + (f" (allocation kept: {self.allocation}; candidates: {tried})" if tried else ""))
         if self.latency is not None:
             pred = self.latency.get("predicted_after_ms")

@@ -6,6 +6,11 @@ without labels (:mod:`hsc_plugin.recovery`: BatchNorm re-estimation, bias correc
 only where it lowers the error), and its output error against the uncompressed model on the
 calibration inputs is measured; the lowest wins. So a compressor that offers its baselines'
 allocations is never worse than them on the calibration data, by construction.
+
+With ``holdout`` (a compressor option) the first samples are held out of every fit — the
+statistics the factors come from, and the recovery — and the candidates are compared on them
+alone: a candidate with more fitted parameters is then not favoured by fitting the very samples it
+is judged on (:func:`hsc_plugin.pipeline.prepare` splits the data).
 """
 
 from __future__ import annotations
@@ -140,7 +145,9 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
         alloc = allocations[names[0]]
         return Selected(names[0], alloc, _install(prep.work, alloc.modules))
-    calib = first_samples(prep.calib, compressor.selection_samples)
+    held = prep.held
+    calib = first_samples(prep.fit if held is not None else prep.calib,
+                          compressor.selection_samples - (held.shape[0] if held is not None else 0))
     reference: nn.Module = prep.work
     recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
     stage: dict[str, Any] = {"refit": "each" if compressor.sequential_refit else "none"}
@@ -184,15 +191,22 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
             error = float(info["error_after"])
         else:
             error = output_error(reference, model, calib, batch_size=compressor.calib_batch_size)
+        if held is not None:  # judged on samples no fit has seen
+            fitted, error = error, output_error(reference, model, held, batch_size=compressor.calib_batch_size)
+            info = dict(info or {}, held_out={"samples": int(held.shape[0]), "fit_error": fitted, "error": error})
         scores[name] = error
         if best is None or error < best.error:  # type: ignore[operator]
             best = Selected(name, alloc, model, error, info)
     assert best is not None
-    if stage["refit"] == "winner" and best.recovery is not None:  # the refit, for the chosen candidate only
+    if stage["refit"] == "winner" and best.recovery and "steps" in best.recovery:  # the refit, for the winner only
         model = _install(prep.work, best.alloc.modules)
         info = recovered(model, best.alloc, refit=True)
-        if float(info["error_after"]) < best.error:  # type: ignore[operator]
-            best = Selected(best.name, best.alloc, model, float(info["error_after"]), info)
+        error = float(info["error_after"])
+        if held is not None:
+            fitted, error = error, output_error(reference, model, held, batch_size=compressor.calib_batch_size)
+            info = dict(info, held_out={"samples": int(held.shape[0]), "fit_error": fitted, "error": error})
+        if error < best.error:  # type: ignore[operator]
+            best = Selected(best.name, best.alloc, model, error, info)
             scores[best.name] = best.error  # type: ignore[assignment]
     best.candidates = scores
     return best
