@@ -85,12 +85,14 @@ def main(argv: list[str] | None = None) -> int:
              f"whole compressed model timed afterwards, interleaved with the original ({args.threads} threads, "
              "medians; "
              "`ms before` is the original's time in the same runs). Realised = measured speed-up / MAC ratio. "
+             "`speed-up warm`: the same pair timed in alternating warm turns (each model 3 calls in a row, the "
+             "first untimed), as the closed loop times a round. "
              "`rounds`: the allocation's closed-loop rounds (0: open loop), with the whole-model speed-up the "
              "cost model measured in each.\n",
              "| method | batch | latency budget | rounds | accuracy % (± SE) | MAC ratio | ms before | ms predicted | "
-             "ms measured | speed-up measured | realised / MAC ratio | layers kept dense for time | HSC forms | "
-             "compress s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ms measured | speed-up measured | speed-up warm | realised / MAC ratio | layers kept dense for time | "
+             "HSC forms | compress s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch in args.batches:
         for label, (method, opts) in methods.items():
             for r, rounds in ((r, n) for r in args.ratios for n in args.latency_rounds):
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                channels_last=args.channels_last),
                                    latency_rounds=rounds, **opts)
                 except BudgetError as exc:
-                    lines.append(f"| {label} | {batch} | {r:g}x | {rounds} | - | - | - | - | - | - | - | "
+                    lines.append(f"| {label} | {batch} | {r:g}x | {rounds} | - | - | - | - | - | - | - | - | "
                                  f"{str(exc)[:80]} | - | - |")
                     print(lines[-1], flush=True)
                     continue
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                                         threads=args.threads,
                                         channels_last=args.channels_last)  # a busy moment hits both alike
                 base_ms, ms = t["dense"]["median_ms"], t["model"]["median_ms"]
+                w = measure_interleaved({"dense": model, "model": res.model}, shape, batch=batch, runs=args.runs,
+                                        threads=args.threads, channels_last=args.channels_last, block=3)
+                warm = speedup_text(w["dense"], w["model"], mac_ratio=None)
                 lat = res.report.latency or {}
                 kept = sum(1 for L in res.report.layers if "measured time" in L.reason)
                 mac_ratio = macs0 / macs
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"| {label} | {batch} | {r:g}x | {rounds}{f' ({loop})' if loop else ''} | "
                     f"{100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
                     f"{mac_ratio:.2f}x | {base_ms:.3f} | {lat.get('predicted_after_ms', float('nan')):.3f} | {ms:.3f} | "
-                    f"{speed} | {realised} | {kept} | "
+                    f"{speed} | {warm} | {realised} | {kept} | "
                     f"{_forms(res.report) if method == 'hsc' else '-'} | {secs:.1f} |")
                 print(lines[-1], flush=True)
     emit(lines, args.out)
