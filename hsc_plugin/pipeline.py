@@ -302,13 +302,19 @@ def _plan_layer(compressor: "Compressor", prep: Prepared, info: LayerInfo,
 def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[LayerPlan]],
                 latency: dict[str, Any] | None, cost_model: LatencyCostModel | None = None) -> dict[str, Allocation]:
     """The compressor's own allocation and the others it asks to be compared with, by name. Another
-    allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out.
+    allocation that cannot be reproduced from these candidates, or cannot meet the budget, is left out;
+    so is the compressor's own when it cannot and another can (a warning says so).
     Under a latency budget each one is measured whole and re-aimed (:mod:`hsc_plugin.latency_loop`)."""
     own = keep_families(candidates, compressor.own_families())
-    out = {compressor.name: allocate_measured(compressor, prep, own, latency, cost_model)}
-    if prep.budget is None or prep.calib is None:
-        return out
-    for cand in compressor.candidate_allocations(prep.context):
+    others = compressor.candidate_allocations(prep.context) if prep.budget is not None and prep.calib is not None else []
+    out: dict[str, Allocation] = {}
+    try:
+        out[compressor.name] = allocate_measured(compressor, prep, own, latency, cost_model)
+    except BudgetError as exc:  # another candidate may still meet the budget (a latency budget, as measured)
+        if not others:
+            raise
+        refused = exc
+    for cand in others:
         restricted = keep_families(candidates, cand.families) if cand.compete else restrict(candidates, cand.families)
         if restricted is None or cand.name in out:
             continue
@@ -318,6 +324,11 @@ def allocations(compressor: "Compressor", prep: Prepared, candidates: list[list[
                                                selector=create("rank_selector", cand.selector, RankSelector))
         except BudgetError:
             continue
+    if not out:
+        raise refused
+    if compressor.name not in out:
+        warnings.warn(f"{compressor.name}: its own allocation cannot meet the budget ({refused}); the choice is "
+                      f"among the other candidates that do: {', '.join(out)}", stacklevel=3)
     return out
 
 

@@ -267,3 +267,35 @@ def test_a_landing_is_confirmed_by_a_second_timing_and_judged_by_the_slower() ->
     assert kept["model_ms"] == pytest.approx(true.time(res.model, SHAPE))  # the unlucky (true) reading
     speedup = true.time(wide_cnn(), SHAPE) / true.time(res.model, SHAPE)
     assert ratio <= speedup <= WINDOW * ratio
+
+
+def test_hsc_s_own_allocation_failing_leaves_the_choice_to_candidates_that_meet_the_budget(monkeypatch) -> None:
+    """HSC's own allocation refused as measured, a baseline's candidate allocation meeting the budget:
+    the candidate is kept (with a warning) instead of refusing a budget another candidate meets."""
+    real = pipeline.allocate_measured
+    calls: list[int] = []
+
+    def own_refused(compressor, prep, candidates, latency, cost_model, **kw):
+        calls.append(1)
+        if len(calls) == 1:  # the compressor's own allocation comes first
+            raise BudgetError("hsc could not reach the target as measured (test)")
+        return real(compressor, prep, candidates, latency, cost_model, **kw)
+
+    monkeypatch.setattr(pipeline, "allocate_measured", own_refused)
+    ratio = 1.6
+    with pytest.warns(UserWarning, match=r"its own allocation cannot meet the budget \(hsc could not reach"):
+        res = compress(wide_cnn(), "hsc", calib=X, budget=Budget(ratio, metric="latency"), cost_model=slow_in_model(),
+                       progress=False)
+    assert res.report.allocation != "hsc" and "hsc" not in res.report.candidates
+    assert res.report.budget_met and ratio <= _speedup(res) <= WINDOW * ratio
+
+    def all_refused(*args, **kw):
+        raise BudgetError("refused (test)")
+
+    monkeypatch.setattr(pipeline, "allocate_measured", all_refused)
+    model = wide_cnn()
+    snap = snapshot(model)
+    with pytest.raises(BudgetError, match=r"refused \(test\)"):
+        compress(model, "hsc", calib=X, budget=Budget(ratio, metric="latency"), cost_model=slow_in_model(),
+                 progress=False)
+    assert_unchanged(model, snap)
