@@ -31,6 +31,14 @@ def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(times)
 
 
+def logit_error(reference: Any, model: Any, x: Any) -> float:
+    """‖f(x) − f̂(x)‖² / ‖f(x)‖² of ``model``'s outputs against ``reference``'s over ``x``, labels not
+    used: the square of :func:`hsc_plugin.recovery.output_error`."""
+    from hsc_plugin.recovery import output_error
+
+    return output_error(reference, model, x) ** 2
+
+
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "alexnet_mri-128-w0.5-e40-s0.pt"
 
 

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from _common import checkpoint_model_and_data, emit  # benchmarks/_common.py (scripts run from this folder)
+from _common import checkpoint_model_and_data, emit, logit_error  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import compress
 from hsc_plugin.mri.experiment import calibration_subset, evaluate_model
 from hsc_plugin.mri.report import machine_description
@@ -42,11 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     model, train, test, _ = checkpoint_model_and_data(args.data)
     x_test = test.tensors[0]
 
-    @torch.no_grad()
-    def err(m: torch.nn.Module, x: torch.Tensor) -> float:
-        a, b = model(x), m(x)
-        return float(((a - b) ** 2).sum() / (a ** 2).sum())
-
     lines = [f"Command: `python benchmarks/holdout_mri.py {shlex.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {machine_description().rsplit(',', 1)[0]}\n",
              "Output error: ‖f(x) − f̂(x)‖² / ‖f(x)‖² of the logits against the uncompressed model. "
@@ -62,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = compress(model, "hsc", calib=calib, budget=ratio, seed=0, progress=False, holdout=h)
                 ev = evaluate_model(res.model, test, n_boot=1000)
                 lines.append(f"| {n} | {ratio:g}x | {h:g} | {res.report.allocation} | "
-                             f"{res.report.calibration_error:.4f} | {err(res.model, x_test):.4f} | "
+                             f"{res.report.calibration_error:.4f} | {logit_error(model, res.model, x_test):.4f} | "
                              f"{100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | {res.report.seconds:.1f} |")
                 print(lines[-1], flush=True)
     emit(lines, args.out)

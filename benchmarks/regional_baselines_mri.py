@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from _common import checkpoint_model_and_data, emit  # benchmarks/_common.py (scripts run from this folder)
+from _common import checkpoint_model_and_data, emit, logit_error  # benchmarks/_common.py (scripts run from this folder)
 from hsc_plugin import compress
 from hsc_plugin.mri.experiment import evaluate_model
 from hsc_plugin.mri.report import machine_description
@@ -61,11 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     model, _, test, calib = checkpoint_model_and_data(args.data)
     x_test = test.tensors[0]
 
-    @torch.no_grad()
-    def err(m: torch.nn.Module, x: torch.Tensor) -> float:
-        a, b = model(x), m(x)
-        return float(((a - b) ** 2).sum() / (a ** 2).sum())
-
     lines = [f"Command: `python benchmarks/regional_baselines_mri.py {shlex.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {machine_description().rsplit(',', 1)[0]}\n",
              "Output error: relative squared error of the logits against the uncompressed model, "
@@ -80,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             res = compress(model, "hsc", calib=calib, budget=ratio, seed=0, progress=False, regional_baselines=on)
             ev = evaluate_model(res.model, test, n_boot=1000)
             params = sum(p.numel() for p in res.model.parameters()) / 1e6
-            lines.append(f"| {ratio:g}x | {on} | {res.report.allocation} | {err(res.model, calib):.4f} | "
-                         f"{err(res.model, x_test):.4f} | {100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
+            lines.append(f"| {ratio:g}x | {on} | {res.report.allocation} | {logit_error(model, res.model, calib):.4f} | "
+                         f"{logit_error(model, res.model, x_test):.4f} | {100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "
                          f"{params:.3f} |")
             print(lines[-1], flush=True)
     lines += ["", "## 2. Tucker-2 factors at equal ranks\n",
@@ -100,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             for src in ("data-free", "data-aware"):
                 res = compress(model, "tucker2", calib=calib, seed=0, progress=False, rank=GivenRanks(own[src]),
                                **opts)
-                lines.append(f"| {ratio:g}x | {kind} | {src} | {err(res.model, calib):.4f} | "
-                             f"{err(res.model, x_test):.4f} |")
+                lines.append(f"| {ratio:g}x | {kind} | {src} | {logit_error(model, res.model, calib):.4f} | "
+                             f"{logit_error(model, res.model, x_test):.4f} |")
                 print(lines[-1], flush=True)
     emit(lines, args.out)
     return 0
