@@ -124,6 +124,9 @@ def _like(new: nn.Module, old: nn.Module) -> None:
 def _prune_regional(layer: RegionalExpansionConv2d, ins: list[int], outs: list[int]) -> None:
     """The factor that reads the input (``first``, or ``reduce`` for svd) loses the pruned inputs;
     every region's 1×1 loses the pruned outputs; the reduction's rank is unchanged."""
+    if layer.base == "clusters":
+        _prune_regional_clusters(layer, ins, outs)
+        return
     ref = layer.reduce.weight
     new = RegionalExpansionConv2d.from_spec({**layer.spec(), "in_channels": len(ins), "out_channels": len(outs)},
                                             device=ref.device, dtype=ref.dtype)
@@ -139,6 +142,36 @@ def _prune_regional(layer: RegionalExpansionConv2d, ins: list[int], outs: list[i
             e_new.bias.copy_(e.bias.index_select(0, o))
     _like(new, layer)
     layer.first, layer.reduce, layer.expands = new.first, new.reduce, new.expands
+
+
+@torch.no_grad()
+def _prune_regional_clusters(layer: RegionalExpansionConv2d, ins: list[int], outs: list[int]) -> None:
+    """Input clusters are re-indexed; a cluster left empty goes with its rank and its columns of
+    every region's 1×1."""
+    red, cores = layer.first, layer.first.cores()
+    ref = cores[0]
+    pos = {ch: p for p, ch in enumerate(ins)}
+    clusters, ranks, kept_cores, cols, start = [], [], [], [], 0
+    for cl, r, w in zip(red.clusters, red.ranks, cores):
+        at = [k for k, ch in enumerate(cl) if ch in pos]
+        if at:
+            clusters.append([pos[cl[k]] for k in at])
+            ranks.append(r)
+            kept_cores.append(w.index_select(1, torch.tensor(at, device=ref.device)))
+            cols += list(range(start, start + r))
+        start += r
+    new = RegionalExpansionConv2d.from_spec({**layer.spec(), "in_channels": len(ins), "out_channels": len(outs),
+                                             "clusters": clusters, "ranks": ranks, "rank": sum(ranks)},
+                                            device=ref.device, dtype=ref.dtype)
+    for dst, w in zip(new.first.cores(), kept_cores):
+        dst.copy_(w)
+    o, c = torch.tensor(outs, device=ref.device), torch.tensor(cols, device=ref.device)
+    for e_new, e in zip(new.expands, layer.expands):
+        e_new.weight.copy_(e.weight.index_select(0, o).index_select(1, c))
+        if e.bias is not None:
+            e_new.bias.copy_(e.bias.index_select(0, o))
+    _like(new, layer)
+    layer.first, layer.expands = new.first, new.expands
 
 
 _SURGERY: dict[str, Callable[[Any, list[int], list[int]], None]] = {

@@ -101,6 +101,34 @@ def regional_from_conv(conv: nn.Conv2d, tiling: "Tiling", rank: int, *, base: st
 
 
 @torch.no_grad()
+def regional_clusters_from_conv(conv: nn.Conv2d, tiling: "Tiling", *, jitter: float = 0.0, seed: int = 0) -> nn.Module:
+    """A :class:`RegionalExpansionConv2d` on two random input clusters (one if C_in is 1), each
+    cluster's k×k conv its columns' SVD at about a quarter of C_out; every region's 1×1 the clusters'
+    SVD bases side by side plus ``jitter``·noise."""
+    from hsc_plugin.modules import RegionalExpansionConv2d, conv_geometry
+
+    ci, co, w = conv.in_channels, conv.out_channels, conv.weight.detach()
+    k = min(2, ci)
+    perm = random.Random(seed).sample(range(ci), ci)
+    clusters = [sorted(perm[j::k]) for j in range(k)]
+    ranks = [max(1, min(co, len(c) * w[0, 0].numel()) // 4) for c in clusters]
+    m = RegionalExpansionConv2d(ci, co, conv_geometry(conv), tiling, sum(ranks), base="clusters", clusters=clusters,
+                                ranks=ranks, bias=conv.bias is not None, device=w.device, dtype=w.dtype)
+    bases = []
+    for core, c, r in zip(m.first.cores(), clusters, ranks):
+        _, reduce, expand = conv_factors(w[:, c], r, None)
+        core.copy_(reduce)
+        bases.append(expand)
+    g = torch.Generator().manual_seed(seed)
+    expand = torch.cat(bases, 1)
+    for e in m.expands:
+        e.weight.copy_((expand + jitter * torch.randn(expand.shape, generator=g).to(expand))[:, :, None, None])
+        if conv.bias is not None:
+            e.bias.copy_(conv.bias)
+    return m.train(conv.training)
+
+
+@torch.no_grad()
 def set_block_bias(blk: nn.Module, bias: torch.Tensor | None) -> None:
     """Give a :class:`RegionBlock` the conv's bias wherever it keeps one (expands, dropped, constant)."""
     if bias is None:
@@ -141,7 +169,7 @@ def hsc_from_conv(conv: nn.Conv2d, tiling: "Tiling", side: str, region_clusters:
     return m.train(conv.training)
 
 
-FORMS = ("regional-svd", "regional-tucker2", "hsc-tucker2-input", "hsc-tucker2-output")
+FORMS = ("regional-svd", "regional-tucker2", "regional-clusters", "hsc-tucker2-input", "hsc-tucker2-output")
 """Execution forms no compressor produces yet, built by :func:`factorise_convs` for the deployment tests."""
 
 
@@ -152,6 +180,8 @@ def form_from_conv(conv: nn.Conv2d, form: str, tiling: "Tiling", seed: int = 0) 
         if form == "regional-svd":
             rank = max(1, min(co, conv.weight[0].numel()) // 2)
             return regional_from_conv(conv, tiling, rank, jitter=0.05, seed=seed)
+        if form == "regional-clusters":
+            return regional_clusters_from_conv(conv, tiling, jitter=0.05, seed=seed)
         return regional_from_conv(conv, tiling, max(1, co // 2), base="tucker2", rank_in=max(1, ci // 2),
                                   jitter=0.05, seed=seed)
     side = form.rsplit("-", 1)[1]

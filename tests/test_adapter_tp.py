@@ -233,7 +233,7 @@ def test_hsc_pruning_equals_slicing_the_layer(side, regions, balanced, block):
             assert _subsequence(b.ranks_in, q) and b.block == block
 
 
-@pytest.mark.parametrize("base", ["svd", "tucker2"])
+@pytest.mark.parametrize("base", ["svd", "tucker2", "clusters"])
 @pytest.mark.parametrize("tiling", ["1", "2x2", "quadtree"])
 def test_regional_pruning_equals_slicing_the_layer(tiling, base):
     """Pruned regional module == the original with the pruned inputs zeroed, restricted to kept outputs."""
@@ -241,7 +241,11 @@ def test_regional_pruning_equals_slicing_the_layer(tiling, base):
     t = {"1": Tiling.full(), "2x2": Tiling.uniform((2, 2), 2, 2), "quadtree": quadtree_tiling()}[tiling]
     geo = {"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "padding_mode": "reflect"}
     for trial in range(4):
-        m = RegionalExpansionConv2d(12, 10, geo, t, 5, base=base, rank_in=4, bias=trial % 2 == 0)
+        # clusters: unequal (separate convs) or equal (one grouped conv); pruning may empty one
+        cl = [[0, 4, 8], [1, 5, 9, 10], [2, 3, 6, 7, 11]] if trial % 2 else [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+        rk = [2, 1, 2] if trial % 2 else [3, 3]
+        extra = {"clusters": cl, "ranks": rk, "rank": sum(rk)} if base == "clusters" else {"rank": 5}
+        m = RegionalExpansionConv2d(12, 10, geo, t, base=base, rank_in=4, bias=trial % 2 == 0, **extra)
         with torch.no_grad():
             for p in m.parameters():
                 p.normal_()
@@ -258,7 +262,10 @@ def test_regional_pruning_equals_slicing_the_layer(tiling, base):
         SpatioChannelPruner()(m, drop_in, to_output=False)
         SpatioChannelPruner()(m, drop_out, to_output=True)
         assert (m.in_channels, m.out_channels) == (len(keep_in), len(keep_out))
-        assert (m.spec()["rank"], m.spec()["rank_in"]) == (5, 4 if base == "tucker2" else None)
+        if base == "clusters":  # a cluster emptied by the pruning goes with its rank
+            assert m.spec()["ranks"] == [r for c, r in zip(cl, rk) if set(c) - set(drop_in)]
+        else:
+            assert (m.spec()["rank"], m.spec()["rank_in"]) == (5, 4 if base == "tucker2" else None)
         with torch.no_grad():
             y = m(x[:, keep_in])
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,6 @@
 """RegionalExpansionConv2d: exact at full rank on the conv grid, per-region 1×1s act per region,
-the MACs of its base form, a JSON spec round trip, and gradients through the crops."""
+the MACs of its base form, a JSON spec round trip, and gradients through the crops — on SVD's,
+Tucker-2's and the input clusters' reductions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from test_conv_grid import CONFIGS, _id
 from torch import nn
 
 from hsc_plugin import measure_costs
-from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, Tucker2Conv2d, conv_geometry
+from hsc_plugin.modules import (LowRankConv2d, RegionalExpansionConv2d, SpatioChannelConv2d, Tucker2Conv2d,
+                                conv_geometry)
 from hsc_plugin.tiling import Tiling, output_box
 
 TILINGS = {
@@ -28,23 +30,35 @@ def _conv(c: dict) -> tuple[nn.Conv2d, torch.Tensor]:
     return conv, torch.randn(3, 6, 13, 12)
 
 
+# Input clusters for base="clusters": unequal (separate convs) and equal (one grouped conv).
+CLUSTERS = {"clusters": [[4, 0], [1, 3, 5], [2]], "clusters-balanced": [[0, 3, 4], [5, 1, 2]]}
+
+
 @torch.no_grad()
 def _full_rank(conv: nn.Conv2d, tiling: Tiling, base: str) -> RegionalExpansionConv2d:
-    """rank = C_out, reduce = W, every expand = identity + the conv's bias (tucker2: first = identity)."""
+    """rank = C_out, reduce = W, every expand = identity + the conv's bias (tucker2: first = identity;
+    clusters: each cluster's conv is W's columns, each region's 1×1 sums the clusters' outputs)."""
     co, ci = conv.out_channels, conv.in_channels
-    m = RegionalExpansionConv2d(ci, co, conv_geometry(conv), tiling, co, base=base,
-                                rank_in=ci if base == "tucker2" else None, bias=conv.bias is not None)
+    clusters = CLUSTERS.get(base)
+    kw = {"clusters": clusters, "ranks": [co] * len(clusters)} if clusters else {}
+    m = RegionalExpansionConv2d(ci, co, conv_geometry(conv), tiling, co * len(clusters or [0]),
+                                base="clusters" if clusters else base, rank_in=ci if base == "tucker2" else None,
+                                bias=conv.bias is not None, **kw)
     if base == "tucker2":
         m.first.weight.copy_(torch.eye(ci)[:, :, None, None])
-    m.reduce.weight.copy_(conv.weight)
+    if clusters:
+        for w, c in zip(m.first.cores(), clusters):
+            w.copy_(conv.weight[:, c])
+    else:
+        m.reduce.weight.copy_(conv.weight)
     for e in m.expands:
-        e.weight.copy_(torch.eye(co)[:, :, None, None])
+        e.weight.copy_(torch.eye(co).repeat(1, len(clusters or [0]))[:, :, None, None])
         if conv.bias is not None:
             e.bias.copy_(conv.bias)
     return m
 
 
-@pytest.mark.parametrize("base", ["svd", "tucker2"])
+@pytest.mark.parametrize("base", ["svd", "tucker2", "clusters", "clusters-balanced"])
 @pytest.mark.parametrize("tiling", list(TILINGS))
 @pytest.mark.parametrize("cfg", GRID, ids=_id)
 def test_full_rank_is_exact(cfg: dict, tiling: str, base: str) -> None:
@@ -112,6 +126,47 @@ def test_macs_equal_the_base_form(tiling: str, base: str) -> None:
     assert params == sum(p.numel() for p in ref.parameters()) + (n - 1) * (24 * 5 + 24)
 
 
+@pytest.mark.parametrize("tiling", ["2x2", "quadtree"])
+@pytest.mark.parametrize("clusters,ranks", [([[0, 5, 9], [1, 2, 3, 4], [6, 7, 8, 10, 11]], [3, 2, 4]),
+                                            ([[0, 2, 4, 6], [1, 3, 5, 7]], [3, 3])])
+def test_clusters_macs_equal_the_one_region_cluster_form(tiling: str, clusters: list, ranks: list) -> None:
+    """On input clusters: the MACs of HSC's one-region input-cluster module at the same ranks, and
+    one C_out × K map (and bias) per extra region in parameters; equal clusters run grouped."""
+    conv = nn.Conv2d(12, 24, 3, padding=1)
+    x = torch.randn(1, 12, 20, 20)
+    geo = conv_geometry(conv)
+    ref = SpatioChannelConv2d(12, 24, geo, Tiling.full(), "input", [clusters], [ranks])
+    m = RegionalExpansionConv2d(12, 24, geo, TILINGS[tiling], sum(ranks), base="clusters", clusters=clusters,
+                                ranks=ranks)
+    assert m.first.grouped == (len({len(c) for c in clusters}) == 1 and len(set(ranks)) == 1)
+    macs = measure_costs(nn.Sequential(m), x).macs
+    assert macs == measure_costs(nn.Sequential(ref), x).macs > 0
+    n = TILINGS[tiling].n_regions
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters()) + (n - 1) * (
+        24 * sum(ranks) + 24)
+
+
+@pytest.mark.parametrize("clusters", list(CLUSTERS))
+def test_clusters_spec_round_trip(clusters: str) -> None:
+    import json
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(1, 2), padding_mode="reflect", bias=False)
+    m = _full_rank(conv, quadtree_tiling(), clusters).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    spec = json.loads(json.dumps(m.spec()))
+    assert spec["base"] == "clusters" and spec["clusters"] == CLUSTERS[clusters]
+    twin = RegionalExpansionConv2d.from_spec(spec)
+    twin.load_state_dict(m.state_dict(), strict=True)
+    x = torch.randn(2, 6, 17, 15)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), m(x), rtol=0, atol=0)
+    assert m.rank_layers() == list(m.first.convs)
+    assert m.first.out_channels == spec["rank"] == 8 * len(CLUSTERS[clusters])
+
+
 @pytest.mark.parametrize("base", ["svd", "tucker2"])
 def test_spec_round_trip_and_rank_layers(base: str) -> None:
     import json
@@ -141,6 +196,14 @@ def test_bad_arguments_are_clear_errors() -> None:
         RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 2, base="tucker2")
     with pytest.raises(ValueError, match="rank"):
         RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 0)
+    with pytest.raises(ValueError, match="clusters and their ranks"):
+        RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 3, base="clusters", clusters=[[0, 1], [2, 3]], ranks=[1, 1])
+    with pytest.raises(ValueError, match="disjoint"):
+        RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 2, base="clusters", clusters=[[0, 1], [1, 3]], ranks=[1, 1])
+    with pytest.raises(ValueError, match="disjoint"):
+        RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 2, base="clusters", clusters=[[0, 1], [4]], ranks=[1, 1])
+    with pytest.raises(ValueError, match=">= 1"):
+        RegionalExpansionConv2d(4, 4, geo, Tiling.full(), 2, base="clusters", clusters=[[0, 1], [2]], ranks=[2, 0])
 
 
 def test_gradients_reach_every_factor() -> None:

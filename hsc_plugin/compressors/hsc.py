@@ -31,7 +31,7 @@ from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import (FINE_CELLS, CellStats, ClusterContributions, ProjectedCellStats,
                                                    pointwise)
-from hsc_plugin.compressors.regional_plan import RegionalExpansionPlan, RegionalSVDPlan, RegionalTucker2Plan
+from hsc_plugin.compressors.regional_plan import RegionalClustersPlan, RegionalExpansionPlan, RegionalSVDPlan, RegionalTucker2Plan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
@@ -254,9 +254,11 @@ class HSC(Compressor):
         inputs: CellStats = stats[1]  # type: ignore[assignment]
         clusters = [self._cluster(inputs.region(*reg)) for reg in tiling.regions]
         out = [ClusterContributions(info.module, tiling, clusters, inputs)]
-        if self._competes(info, context) and tiling.n_regions > 1:  # one region, same kind of clusters
-            whole = inputs.S.sum(dim=(0, 1))
-            out.append(ClusterContributions(info.module, Tiling.full(tiling.grid), [self._cluster(whole)], inputs))
+        if self._competes(info, context) and tiling.n_regions > 1:
+            # The whole map's clusters, gathered per region: summed, the one-region form's statistics;
+            # per region, its regional 1×1s' (RegionalClustersPlan).
+            whole = self._cluster(inputs.S.sum(dim=(0, 1)))
+            out.append(ClusterContributions(info.module, tiling, [whole] * tiling.n_regions, inputs))
         return out
 
     def plan(self, info: LayerInfo, stats: list[Accumulator],
@@ -276,14 +278,19 @@ class HSC(Compressor):
         competes = self._competes(info, context)
         tiling = contributions[0].tiling if contributions else self._partitioner.partition(outs)
         forms: list[LayerPlan] = []
+        whole_clusters = contributions[1].merged() if len(contributions) > 1 else None
         for fac in self._factorisers(competes, info):
             primary = self._clustered(info, tiling, fac, outs, ins, contributions[:1])
             if not competes:
                 return primary
             forms.append(primary)
             if tiling.n_regions > 1:
-                if self.channel_side == "input" and len(contributions) > 1:  # one region, same kind of clusters
-                    forms.append(self._blocks(info, contributions[1].tiling, fac, outs, ins, contributions[1], "input"))
+                if self.channel_side == "input" and whole_clusters is not None:  # one region, same kind of clusters
+                    one = self._blocks(info, whole_clusters.tiling, fac, outs, ins, whole_clusters, "input")
+                    forms.append(one)
+                    if one.structure == "svd" and not one.tied and len(one.clusters[0]) > 1:
+                        # their reduction on the whole map, a 1×1 per region
+                        forms.append(RegionalClustersPlan(info, one, tiling, contributions[1]))
                 elif self.channel_side == "output":
                     forms.append(self._clustered(info, Tiling.full(tiling.grid), fac, outs, ins, []))
                 if any(len(cl) > 1 for cl in primary.clusters):  # regions, no clusters

@@ -7,6 +7,8 @@ Cells and crop windows are placed by :mod:`hsc_plugin.tiling`, the same rule the
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,6 +167,28 @@ class ClusterContributions(Accumulator):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for row in self.G for t in row]
+
+    def merged(self) -> "ClusterContributions":
+        """The same clusters on one region (the whole map): every region's Grams summed (second
+        moments add). Needs the same clusters in every region."""
+        if any(cl != self.clusters[0] for cl in self.clusters):
+            raise ValueError("merging regions needs the same clusters in every region")
+        out = copy.copy(self)
+        out.tiling = Tiling.full(self.tiling.grid)
+        out.clusters, out.patch = self.clusters[:1], self.patch[:1]
+        out.G = [[sum(row[c] for row in self.G) for c in range(len(self.clusters[0]))]]
+        out._moments = None
+        return out
+
+    def output_moment(self, region: int, cluster: int) -> torch.Tensor:
+        """The C_out × C_out output moment of one (region, cluster) contribution, as a matrix (no
+        eigen-decomposition: ``W_c G W_cᵀ`` from a patch Gram)."""
+        G = self.G[region][cluster]
+        if not self.patch[region][cluster]:
+            return G
+        W = self.module.weight.detach().double()
+        Wc = W[:, self.clusters[region][cluster]].reshape(W.shape[0], -1)
+        return Wc @ G @ Wc.T
 
     def moments(self) -> list[list[Moment]]:
         """Per (region, cluster): the output second moment of the cluster's contribution, as the

@@ -14,6 +14,12 @@ core, whose R_out features are ``z = Pᵀ ŷ`` with ŷ the conv of the input-pro
 regional 1×1s are the same least-squares maps, fitted as if ``ŷ = y`` (exact at full input rank,
 where the first 1×1 is invertible). The input mode's energy enters as Tucker-2's does (the two
 modes' kept fractions multiply), so the predicted error is a model; the measured one is reported.
+
+On input clusters (:class:`RegionalClustersPlan`) the reduction is the one-region HSC form's
+(each input cluster's k×k conv, ``z_c = P_cᵀ y_c`` with ``y_c`` the cluster's contribution), and
+region r's 1×1 is, cluster by cluster, the least-squares map from ``z_c`` to ``y_c`` on the
+region's contribution moment — the same per-cluster error model as HSC's blocks (clusters'
+errors add); the sequential refit then fits each region's 1×1 jointly on the data.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import torch
 from torch import nn
 
 from hsc_plugin.calibration import LayerInfo
-from hsc_plugin.compressors.hsc_statistics import CellStats, region_pixels
+from hsc_plugin.compressors.hsc_statistics import CellStats, ClusterContributions, region_pixels
+from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.tucker2 import Tucker2Plan, kept_fractions_product
 from hsc_plugin.decomposition import Moment, fold_input_factor
 from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, Tucker2Conv2d, conv_geometry
 from hsc_plugin.plan import LayerPlan, RankBlock
 from hsc_plugin.tiling import Tiling
 
-__all__ = ["RegionalSVDPlan", "RegionalTucker2Plan", "RegionalExpansionPlan", "regional_least_squares"]
+__all__ = ["RegionalSVDPlan", "RegionalTucker2Plan", "RegionalExpansionPlan", "RegionalClustersPlan",
+           "regional_least_squares"]
 
 
 def _cholesky(M: torch.Tensor) -> torch.Tensor:
@@ -243,3 +251,73 @@ class RegionalExpansionPlan(LayerPlan):
     def describe(self, ranks: list[int]) -> dict[str, Any]:
         return {"tiling": self.tiling.to_dict(), "regions": self.tiling.n_regions,
                 **self.base.describe(ranks)}
+
+
+class RegionalClustersPlan(LayerPlan):
+    """The one-region input-cluster form's reduction on the whole map (each cluster's k×k conv, one
+    grouped conv when balanced), and the final 1×1 (K = Σ k_c → C_out) fitted per region.
+
+    ``base``: the layer's one-region HSC plan (input side, ``svd`` blocks, untied ranks);
+    ``contributions``: the same clusters' contributions gathered on each region of ``tiling``
+    (summed, they are the base's statistics). One rank per cluster, as the base; region r's columns
+    for cluster c are ``S_rc P_c (P_cᵀ S_rc P_c)⁻¹`` on the base's basis P_c, whose nested energies
+    (:func:`regional_least_squares`) are the rank components. Same MACs as the base, one C_out × K
+    map per extra region in parameters.
+    """
+
+    family = "hsc"
+
+    def __init__(self, info: LayerInfo, base: HSCPlan, tiling: Tiling, contributions: ClusterContributions) -> None:
+        if base.tiling.n_regions != 1 or base.side != "input" or base.structure != "svd" or base.tied:
+            raise ValueError("a regional expansion of input clusters needs the one-region, input-side, "
+                             "untied svd-block HSC plan")
+        if tiling.n_regions < 2 or contributions.tiling.regions != tiling.regions:
+            raise ValueError("a regional expansion needs at least two regions, with the contributions gathered on them")
+        self.base, self.tiling = base, tiling
+        self.clusters = base.clusters[0]
+        factors = base.factors[0]
+        self.bases = [f.factors([len(f.rank_blocks[0].energies)])[1] for f in factors]  # P_c, C_out × r_max
+        self._fits: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        energies = [torch.zeros(P.shape[1], dtype=torch.float64) for P in self.bases]
+        for r in range(tiling.n_regions):
+            fits = []
+            for c, P in enumerate(self.bases):
+                e, Q, L = regional_least_squares(contributions.output_moment(r, c).to(P), P)
+                energies[c] += e.cpu()
+                fits.append((Q, L))
+            self._fits.append(fits)
+        blocks = [RankBlock(e.numpy(), label=f"c{c}", min_rank=0) for c, e in enumerate(energies)]
+        n, g = tiling.n_regions, len(self.clusters)
+        super().__init__(info, blocks, total_energy=base.total_energy,
+                         form=f"{n} regions, regional 1x1 on {g} input clusters")
+
+    def factorised_cost(self, ranks: list[int], metric: str) -> float:
+        """The base's (the regions' 1×1s cover disjoint pixels), plus, in parameters, the extra
+        regions' 1×1s (C_out × K and a bias each)."""
+        cost = self.base.factorised_cost(ranks, metric)
+        if metric == "macs" or sum(ranks) == 0:
+            return cost
+        return cost + _maps_params(self.info.module, self.tiling.n_regions - 1, sum(ranks))
+
+    def build(self, ranks: list[int]) -> nn.Module:
+        m: nn.Conv2d = self.info.module
+        kept = [c for c, k in enumerate(ranks) if k > 0]
+        if not kept:  # no features: the base's constant (the layer's bias)
+            return self.base.build(ranks)
+        K = sum(ranks[c] for c in kept)
+        new = RegionalExpansionConv2d(m.in_channels, m.out_channels, conv_geometry(m), self.tiling, K,
+                                      base="clusters", clusters=[self.clusters[c] for c in kept],
+                                      ranks=[ranks[c] for c in kept], bias=m.bias is not None,
+                                      device=m.weight.device, dtype=m.weight.dtype)
+        for dst, c in zip(new.first.cores(), kept):
+            dst.copy_(self.base.factors[0][c].factors([ranks[c]])[0])
+        for fits, e in zip(self._fits, new.expands):
+            maps = [_least_squares_map(fits[c][0][:, :ranks[c]], fits[c][1][:ranks[c], :ranks[c]]) for c in kept]
+            e.weight.data.copy_(torch.cat(maps, 1)[:, :, None, None])
+            if m.bias is not None:
+                e.bias.data.copy_(m.bias.detach())
+        return new
+
+    def describe(self, ranks: list[int]) -> dict[str, Any]:
+        return {"tiling": self.tiling.to_dict(), "regions": self.tiling.n_regions,
+                "cluster_sizes": [len(c) for c in self.clusters], "ranks": list(ranks)}
