@@ -11,7 +11,11 @@ threads, median of ``--runs`` runs, no autograd):
 * ``regional svd 2x2`` — ``RegionalExpansionConv2d``: the same reduction once, a 1×1 per region;
 * ``hsc svd 2x2`` — ``SpatioChannelConv2d``, 2×2 regions, one output cluster, rank r per region;
 * ``tucker2`` — ``Tucker2Conv2d`` with r_in = r_out = t, t set by the MAC ratio;
-* ``regional tucker2 2x2`` and ``hsc tucker2 2x2`` (``block="tucker2"``) at the same t.
+* ``regional tucker2 2x2`` and ``hsc tucker2 2x2`` (``block="tucker2"``) at the same t;
+* ``clusters 1 region`` — ``SpatioChannelConv2d``, one region, 4 equal input clusters (one grouped
+  conv), rank k per cluster set by the MAC ratio; ``regional clusters 2x2`` —
+  ``RegionalExpansionConv2d(base="clusters")``: that grouped conv once, a 1×1 per region; ``hsc
+  clusters 2x2`` — 2×2 regions, each with the same 4 input clusters at rank k (HSC's default form).
 
 The MAC column is what ``measure_costs`` counts: equal for a regional form and its base (the 1×1s
 cover disjoint pixels); higher for ``hsc tucker2`` than ``tucker2``, whose per-region first 1×1s
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 
 import torch
 from torch import nn
@@ -68,6 +74,9 @@ def _forms(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
     t = max(1, math.floor((-(ci + co) + math.sqrt((ci + co) ** 2 + 4 * kk * co * ci * kk / ratio)) / (2 * kk)))
     t = min(t, ci, co)
     one = [[list(range(co))]] * 4
+    g = 4 if ci % 4 == 0 else 1
+    cl = [list(range(i, ci, g)) for i in range(g)]  # 4 equal input clusters: one grouped conv
+    k = max(1, math.floor(co * ci * kk / (ratio * (ci * kk + g * co))))
     return {
         "dense": conv,
         "svd": LowRankConv2d(ci, co, r, geo),
@@ -77,6 +86,10 @@ def _forms(conv: nn.Conv2d, ratio: float) -> dict[str, nn.Module]:
         "regional tucker2 2x2": RegionalExpansionConv2d(ci, co, geo, t22, t, base="tucker2", rank_in=t),
         "hsc tucker2 2x2": SpatioChannelConv2d(ci, co, geo, t22, "output", one, [[t]] * 4, block="tucker2",
                                                region_ranks_in=[[t]] * 4),
+        "clusters 1 region": SpatioChannelConv2d(ci, co, geo, Tiling.full(), "input", [cl], [[k] * g]),
+        "regional clusters 2x2": RegionalExpansionConv2d(ci, co, geo, t22, g * k, base="clusters", clusters=cl,
+                                                         ranks=[k] * g),
+        "hsc clusters 2x2": SpatioChannelConv2d(ci, co, geo, t22, "input", [cl] * 4, [[k] * g] * 4),
     }
 
 
@@ -94,6 +107,7 @@ def main() -> None:
     title = "MRI AlexNet w0.5" if args.model == "mri" else "torchvision AlexNet"
     lines = [f"# Execution forms of one layer at {args.ratio:g}x fewer MACs ({title}, {args.size} px, "
              f"batch {args.batch}, {args.threads} thread(s), median of {args.runs} interleaved runs)", "",
+             f"Command: `python benchmarks/forms_layer_speed.py {shlex.join(sys.argv[1:])}`  ",
              f"Machine: {machine_description().split(';')[0]}; torch {torch.__version__}. A shared machine makes small "
              "kernels uneven: compare forms within a layer (they are timed round-robin).", "",
              "| layer | input | form | MACs | ms | vs dense |", "|---|---|---|---|---|---|"]
