@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                    latency_rounds=rounds, **opts)
                 except BudgetError as exc:
                     lines.append(f"| {label} | {batch} | {r:g}x | {rounds} | - | - | - | - | - | - | - | - | "
-                                 f"{str(exc)[:80]} | - | - |")
+                                 f"{str(exc).replace('|', '/')} | - | - |")  # the reason, with its numbers
                     print(lines[-1], flush=True)
                     continue
                 secs = time.perf_counter() - t0
