@@ -145,9 +145,8 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     if prep.calib is None or (not compressor.measure_error and len(names) == 1 and not compressor.recovers()):
         alloc = allocations[names[0]]
         return Selected(names[0], alloc, _install(prep.work, alloc.modules))
-    held = prep.held
-    calib = first_samples(prep.fit if held is not None else prep.calib,
-                          compressor.selection_samples - (held.shape[0] if held is not None else 0))
+    held = prep.held  # prep.fit is the calibration data without these (all of it when None)
+    calib = first_samples(prep.fit, compressor.selection_samples - (held.shape[0] if held is not None else 0))
     reference: nn.Module = prep.work
     recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
     stage: dict[str, Any] = {"refit": "each" if compressor.sequential_refit else "none"}
@@ -177,6 +176,14 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         info["selection"] = stage
         return info
 
+    def judged(model: nn.Module, error: float, info: dict[str, Any] | None) -> tuple[float, dict[str, Any] | None]:
+        """The error the candidates are compared by: on the held-out samples when there are any
+        (no fit has seen them; the fitting error is kept in ``info``), else ``error`` itself."""
+        if held is None:
+            return error, info
+        on_held = output_error(reference, model, held, batch_size=compressor.calib_batch_size)
+        return on_held, dict(info or {}, held_out={"samples": int(held.shape[0]), "fit_error": error, "error": on_held})
+
     best: Selected | None = None
     scores: dict[str, float] = {}
     for name in names:
@@ -191,9 +198,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
             error = float(info["error_after"])
         else:
             error = output_error(reference, model, calib, batch_size=compressor.calib_batch_size)
-        if held is not None:  # judged on samples no fit has seen
-            fitted, error = error, output_error(reference, model, held, batch_size=compressor.calib_batch_size)
-            info = dict(info or {}, held_out={"samples": int(held.shape[0]), "fit_error": fitted, "error": error})
+        error, info = judged(model, error, info)
         scores[name] = error
         if best is None or error < best.error:  # type: ignore[operator]
             best = Selected(name, alloc, model, error, info)
@@ -201,10 +206,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     if stage["refit"] == "winner" and best.recovery and "steps" in best.recovery:  # the refit, for the winner only
         model = _install(prep.work, best.alloc.modules)
         info = recovered(model, best.alloc, refit=True)
-        error = float(info["error_after"])
-        if held is not None:
-            fitted, error = error, output_error(reference, model, held, batch_size=compressor.calib_batch_size)
-            info = dict(info, held_out={"samples": int(held.shape[0]), "fit_error": fitted, "error": error})
+        error, info = judged(model, float(info["error_after"]), info)
         if error < best.error:  # type: ignore[operator]
             best = Selected(best.name, best.alloc, model, error, info)
             scores[best.name] = best.error  # type: ignore[assignment]

@@ -31,7 +31,8 @@ from hsc_plugin.compressors.global_svd import SVDPlan
 from hsc_plugin.compressors.hsc_plan import HSCPlan
 from hsc_plugin.compressors.hsc_statistics import (FINE_CELLS, CellStats, ClusterContributions, ProjectedCellStats,
                                                    pointwise)
-from hsc_plugin.compressors.regional_plan import RegionalClustersPlan, RegionalExpansionPlan, RegionalSVDPlan, RegionalTucker2Plan
+from hsc_plugin.compressors.regional_plan import (RegionalClustersPlan, RegionalExpansionPlan, RegionalSVDPlan,
+                                                  RegionalTucker2Plan)
 from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext

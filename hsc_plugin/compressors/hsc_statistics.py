@@ -186,9 +186,14 @@ class ClusterContributions(Accumulator):
         G = self.G[region][cluster]
         if not self.patch[region][cluster]:
             return G
-        W = self.module.weight.detach().double()
-        Wc = W[:, self.clusters[region][cluster]].reshape(W.shape[0], -1)
+        Wc = self._patch_weight(self.module.weight.detach().double(), self.clusters[region][cluster])
         return Wc @ G @ Wc.T
+
+    @staticmethod
+    def _patch_weight(W: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The cluster's weight as a C_out × |c|·k² map of its patches (unfold's order: channel, then
+        kernel offsets): ``y_c = W_c p_c``."""
+        return W[:, idx].reshape(W.shape[0], -1)
 
     def moments(self) -> list[list[Moment]]:
         """Per (region, cluster): the output second moment of the cluster's contribution, as the
@@ -202,7 +207,7 @@ class ClusterContributions(Accumulator):
             row: list[Moment] = []
             for idx, p, G in zip(cl, pr, gr):
                 if p:
-                    Wc = W[:, idx].reshape(W.shape[0], -1)  # unfold's order: channel, then kernel offsets
+                    Wc = self._patch_weight(W, idx)
                     evals, evecs = sym_eig_desc(G)
                     row.append(Moment(factor=Wc @ (evecs * evals.sqrt())))
                 else:
