@@ -131,7 +131,7 @@ def restrict(candidates: list[list[LayerPlan]], families: tuple[str, ...]) -> li
 def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[LayerPlan]],
              latency: dict[str, Any] | None, selector: Any = None, objective: str = "sum",
              goal: float | None = None, built: dict[tuple[Any, ...], nn.Module] | None = None,
-             ceiling: bool = False) -> Allocation:
+             ceiling: bool = False, fastest: bool = False) -> Allocation:
     """Choose forms and ranks for the budget and build the modules (see the module docstring);
     ``selector`` overrides the call's rank selector, ``objective`` is the form choice's
     (:func:`hsc_plugin.form_choice.choose_forms`). ``goal`` replaces the budget's cost (the whole
@@ -151,7 +151,7 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
             raise BudgetError("Every factorised layer measured slower than its dense layer on this device")
         plans, target = [forms[0] for forms in live], None
         if budget is not None:
-            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower), objective, goal)
+            plans, target = _fit_forms(live, budget, metric, base_ref, len(slower), objective, goal, fastest)
         problem = RankProblem(plans, metric, target,
                               upper_bound=budget is not None and (ceiling or budget.ms is not None))
         ranks = [p.finalise(r, metric) for p, r in zip(plans, selector.select(problem))]
@@ -164,7 +164,7 @@ def allocate(compressor: "Compressor", prep: "Prepared", candidates: list[list[L
         from hsc_plugin.report import layer_report
 
         prep.reports[n] = layer_report(n, prep.infos[n].module, "dense", reason, prep.infos[n].macs)
-    floored = _floored(compressor.name, budget, plans, ranks)
+    floored = _floored(compressor.name, budget, plans, ranks, warn=not fastest)  # the fastest: a probe, maybe refused
     return Allocation(plans, ranks, modules, base_ref, floored, slower)
 
 
@@ -179,14 +179,18 @@ def _build(plan: LayerPlan, ranks: list[int], built: dict[tuple[Any, ...], nn.Mo
 
 
 def _fit_forms(live: list[list[LayerPlan]], budget: Budget, metric: str, base_ref: float,
-               n_slower: int, objective: str = "sum", goal: float | None = None) -> tuple[list[LayerPlan], float]:
+               n_slower: int, objective: str = "sum", goal: float | None = None,
+               fastest: bool = False) -> tuple[list[LayerPlan], float]:
     """Each layer's form for the budget (or ``goal``) and what the chosen plans may cost together;
-    a budget out of reach even at minimum ranks is a BudgetError that says why."""
+    a budget out of reach even at minimum ranks is a BudgetError that says why (``fastest``: the
+    minimum ranks' cost instead)."""
     plan_dense = sum(forms[0].dense_cost[metric] for forms in live)
     fixed = base_ref - plan_dense
     target = (budget.target_cost(base_ref) if goal is None else goal) - fixed
     plans = [forms[i] for forms, i in zip(live, choose_forms(live, metric, target, objective))]
     floor = sum(p.cost(p.min_ranks(), metric) for p in plans)
+    if target < floor and fastest:
+        return plans, floor * (1 + 1e-9)  # the sum's rounding must not push minimum ranks over
     if target < floor:
         best = base_ref / (fixed + floor)
         raise BudgetError(
@@ -200,12 +204,13 @@ def _fit_forms(live: list[list[LayerPlan]], budget: Budget, metric: str, base_re
     return plans, target
 
 
-def _floored(name: str, budget: Budget | None, plans: list[LayerPlan], ranks: list[list[int]]) -> set[str]:
+def _floored(name: str, budget: Budget | None, plans: list[LayerPlan], ranks: list[list[int]],
+             warn: bool = True) -> set[str]:
     """Layers a budget took to their floor where their spectra say that loses most of the output
     (relative error > 0.5): the budget is met at the cost of the model's accuracy, so say so."""
     floored = {p.name for p, r in zip(plans, ranks) if budget is not None and not p.is_dense(r)
                and r == p.min_ranks() and p.predicted_error(r) > 0.5}
-    if floored:
+    if floored and warn:
         warnings.warn(f"{name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
                       f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
                       stacklevel=6)

@@ -163,6 +163,42 @@ def test_unreachable_as_measured_is_a_budget_error_with_both_numbers_and_model_u
     assert_unchanged(model, snap)
 
 
+def test_a_budget_the_curves_refuse_is_measured_before_it_is_refused() -> None:
+    """The layers alone predict at most ~5.5x (their extra launches cost 10x more alone than in the
+    model): the open loop refuses 8x on the curves' word, the closed loop measures the fastest
+    allocation whole, finds it faster than asked and re-aims into the window."""
+    budget = Budget(8.0, metric="latency")
+    with pytest.raises(BudgetError, match=r"Cannot reach 8x lower latency \(model\).* at minimum rank is [0-9.]+x"):
+        compress(wide_cnn(), "global_svd", calib=X, budget=budget, cost_model=fast_in_model(), latency_rounds=0,
+                 progress=False)
+    model = wide_cnn()
+    snap = snapshot(model)
+    res = compress(model, "global_svd", calib=X, budget=budget, cost_model=fast_in_model(), progress=False)
+    assert 8.0 <= _speedup(res) <= WINDOW * 8.0 and res.report.budget_met
+    rounds = res.report.latency["rounds"]
+    first = rounds[0]
+    assert res.report.latency["predicted_before_ms"] / first["predicted_ms"] < 8.0  # predicted out of reach ...
+    assert first["speedup"] > WINDOW * 8.0  # ... measured faster than asked: accuracy was given back
+    assert rounds[-1]["kept"] and rounds[-1]["error"] < first["error"]
+    assert_unchanged(model, snap)
+
+
+def test_a_budget_out_of_reach_as_predicted_and_as_measured_says_both() -> None:
+    """Layers alone at 2x their in-model time would let 3x look reachable; a per-model overhead the
+    curves cannot see makes it unreachable whole. 20x is out of reach on both counts: the refusal
+    gives the curves' best and the measured best, and the model is untouched."""
+    model = wide_cnn()
+    snap = snapshot(model)
+    dev = slow_in_model()
+    with pytest.raises(BudgetError, match=r"Cannot reach 20x lower latency .* at minimum rank is [0-9.]+x; measured "
+                                          r"whole, the fastest allocation is [0-9.]+x faster") as err:
+        compress(model, "global_svd", calib=X, budget=Budget(20.0, metric="latency"), cost_model=dev, progress=False)
+    best = float(str(err.value).split("the fastest allocation is ")[1].split("x")[0])
+    assert 1.0 < best < 20.0
+    assert dev.whole == 1 + 2  # the dense model, then one paired timing of the fastest allocation: no more rounds
+    assert_unchanged(model, snap)
+
+
 def test_open_loop_measures_nothing_more() -> None:
     """latency_rounds=0 is the per-layer prediction alone: no rounds, no extra whole-model timing,
     the budget judged as predicted."""
