@@ -87,16 +87,16 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
     twin: nn.Module | None = None
     predicted_refusal: BudgetError | None = None
     for i in range(1 + compressor.latency_rounds):
+        at_floor = False
         try:
             alloc = allocate(compressor, prep, candidates, latency, goal=goal, built=built, ceiling=True, **kw)
         except BudgetError as exc:  # the (re-aimed) goal is below what minimum ranks predict
-            if i > 0:
-                goal = 0.5 * (goal + tried[-1][1]["predicted_ms"])  # type: ignore[operator]  (halfway back)
-                continue
-            # The curves say the budget is out of reach, but they are what the loop corrects: the
-            # fastest allocation is measured whole before the call refuses.
-            predicted_refusal = exc
-            alloc = allocate(compressor, prep, candidates, latency, built=built, ceiling=True, fastest=True, **kw)
+            # The curves say the goal is out of reach, but they are what the loop corrects: the
+            # fastest allocation, the nearest to the goal, is measured whole before the call refuses.
+            predicted_refusal = exc if i == 0 else None
+            alloc = allocate(compressor, prep, candidates, latency, goal=goal, built=built, ceiling=True,
+                             fastest=True, **kw)
+            at_floor = True
         key = _signature(alloc)
         if key in seen:
             break  # the selection cannot move any further: measuring it again would change nothing
@@ -116,10 +116,12 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
                               "error": alloc.error()}))
         if _in_window(measured, ceiling):
             break
-        if predicted_refusal is not None and i == 0 and not confirmed:
-            raise BudgetError(f"{predicted_refusal}; measured whole, the fastest allocation is "
-                              f"{latency['before_ms'] / max(measured, 1e-12):.2f}x faster than the dense model "
-                              f"({measured:.4f} ms against a target of {ceiling:.4f} ms)") from predicted_refusal
+        if at_floor and not confirmed:  # nothing faster to try
+            if predicted_refusal is not None:
+                raise BudgetError(f"{predicted_refusal}; measured whole, the fastest allocation is "
+                                  f"{latency['before_ms'] / max(measured, 1e-12):.2f}x faster than the dense model "
+                                  f"({measured:.4f} ms against a target of {ceiling:.4f} ms)") from predicted_refusal
+            break
         goal = _next_goal([r for _, r in tried], ceiling / _AIM)
     return _keep(tried, ceiling, budget.tolerance, compressor.name, budget.describe())
 

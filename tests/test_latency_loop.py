@@ -183,6 +183,20 @@ def test_a_budget_the_curves_refuse_is_measured_before_it_is_refused() -> None:
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("method", ["global_svd", "tucker2"])
+def test_a_re_aimed_goal_below_the_curves_floor_measures_the_fastest_allocation(method: str) -> None:
+    """6.6x on the slow device: the first rounds miss, the re-aimed goal is below what minimum ranks
+    predict, so the loop measures the fastest allocation (it used to step halfway back and refuse),
+    and that one meets the ceiling."""
+    res = compress(wide_cnn(), method, calib=X, budget=Budget(6.6, metric="latency"), cost_model=slow_in_model(),
+                   progress=False)
+    rounds = res.report.latency["rounds"]
+    last = rounds[-1]
+    assert last["kept"] and last["target_ms"] < last["predicted_ms"]  # asked below the floor, given the floor
+    assert 6.6 <= _speedup(res) and res.report.budget_met
+    assert all(r["speedup"] < 6.6 for r in rounds[:-1])
+
+
 def test_a_budget_out_of_reach_as_predicted_and_as_measured_says_both() -> None:
     """Layers alone at 2x their in-model time would let 3x look reachable; a per-model overhead the
     curves cannot see makes it unreachable whole. 20x is out of reach on both counts: the refusal
