@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 mac_ratio = macs0 / macs
                 speed = speedup_text(t["dense"], t["model"], mac_ratio)
                 realised = f"{base_ms / ms / mac_ratio:.0%}" if speed[0].isdigit() else "-"
-                loop = " → ".join(f"{q['speedup']:.2f}x" for q in lat.get("rounds", []))
+                loop = " → ".join(f"{q['speedup']:.2f}x{' (fastest)' if q.get('fastest') else ''}"
+                                  for q in lat.get("rounds", []))
                 lines.append(
                     f"| {label} | {batch} | {r:g}x | {rounds}{f' ({loop})' if loop else ''} | "
                     f"{100 * ev['accuracy']:.2f} ± {100 * ev['accuracy_se']:.2f} | "

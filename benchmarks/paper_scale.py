@@ -151,7 +151,8 @@ def main() -> None:
                             loop = (res.report.latency or {}).get("rounds") or []
                             if loop:  # the closed loop's whole-model speed-ups, as the compressor measured them
                                 kept[key] += "; closed loop " + " → ".join(
-                                    f"{r['speedup']:.2f}×{' (kept)' if r.get('kept') else ''}" for r in loop)
+                                    f"{r['speedup']:.2f}×" + (" (fastest)" if r.get("fastest") else "")
+                                    + (" (kept)" if r.get("kept") else "") for r in loop)
                         except BudgetError as e:  # a refusal is a result: say it in the table
                             cache[key] = str(e)
                     comp = cache[key]

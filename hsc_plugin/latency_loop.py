@@ -114,7 +114,7 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
         tried.append((alloc, {"round": len(tried), "target_ms": given, "predicted_ms": predicted,
                               "measured_ms": measured, "speedup": latency["before_ms"] / max(measured, 1e-12),
                               "dense_ms": timed[0], "model_ms": timed[1], "confirmed": confirmed,
-                              "error": alloc.error()}))
+                              "fastest": at_floor, "error": alloc.error()}))
         if _in_window(measured, ceiling):
             break
         if at_floor and not confirmed:  # nothing faster to try

@@ -127,7 +127,8 @@ class Report:
             if rounds:
                 kept = next((r for r in rounds if r.get("kept")), rounds[-1])
                 lines.append(f"closed loop: {len(rounds)} round(s), measured speed-up "
-                             + " -> ".join(f"{r['speedup']:.2f}x" for r in rounds)
+                             + " -> ".join(f"{r['speedup']:.2f}x" + (" (fastest)" if r.get("fastest") else "")
+                                           for r in rounds)
                              + f"; kept round {kept['round']} ({kept['measured_ms']:.3f} ms measured, "
                              f"{kept['predicted_ms']:.3f} ms predicted)")
             chosen = [f"{n}: {e['form']}" for n, e in self.latency.get("layers", {}).items() if e.get("form")]

@@ -179,6 +179,8 @@ def test_a_budget_the_curves_refuse_is_measured_before_it_is_refused() -> None:
     first = rounds[0]
     assert res.report.latency["predicted_before_ms"] / first["predicted_ms"] < 8.0  # predicted out of reach ...
     assert first["speedup"] > WINDOW * 8.0  # ... measured faster than asked: accuracy was given back
+    assert first["fastest"] and not any(r["fastest"] for r in rounds[1:])
+    assert f"{first['speedup']:.2f}x (fastest)" in res.report.table()
     assert rounds[-1]["kept"] and rounds[-1]["error"] < first["error"]
     assert_unchanged(model, snap)
 
@@ -192,7 +194,7 @@ def test_a_re_aimed_goal_below_the_curves_floor_measures_the_fastest_allocation(
                    progress=False)
     rounds = res.report.latency["rounds"]
     last = rounds[-1]
-    assert last["kept"] and last["target_ms"] < last["predicted_ms"]  # asked below the floor, given the floor
+    assert last["kept"] and last["fastest"] and last["target_ms"] < last["predicted_ms"]  # asked below the floor
     assert 6.6 <= _speedup(res) and res.report.budget_met
     assert all(r["speedup"] < 6.6 for r in rounds[:-1])
 
