@@ -211,7 +211,12 @@ def _floored(name: str, budget: Budget | None, plans: list[LayerPlan], ranks: li
     floored = {p.name for p, r in zip(plans, ranks) if budget is not None and not p.is_dense(r)
                and r == p.min_ranks() and p.predicted_error(r) > 0.5}
     if floored and warn:
-        warnings.warn(f"{name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
-                      f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
-                      stacklevel=6)
+        warn_floored(name, budget, floored)  # type: ignore[arg-type]
     return floored
+
+
+def warn_floored(name: str, budget: Budget, floored: set[str], stacklevel: int = 7) -> None:
+    """Say that the budget is met only with these layers at their minimum rank."""
+    warnings.warn(f"{name}: {budget.describe()} is met only with {len(floored)} layer(s) at their minimum "
+                  f"rank ({', '.join(sorted(floored))}); expect a large accuracy loss (see the report)",
+                  stacklevel=stacklevel)

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hsc_plugin.allocation import Allocation, allocate
+from hsc_plugin.allocation import Allocation, allocate, warn_floored
 from hsc_plugin.budget import Budget, BudgetError
 from hsc_plugin.cost.latency_model import LatencyCostModel
 from hsc_plugin.plan import LayerPlan
@@ -124,7 +124,10 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
                                   f"({measured:.4f} ms against a target of {ceiling:.4f} ms)") from predicted_refusal
             break
         goal = _next_goal([r for _, r in tried], ceiling / _AIM)
-    return _keep(tried, ceiling, budget.tolerance, compressor.name, budget.describe())
+    kept = _keep(tried, ceiling, budget.tolerance, compressor.name, budget.describe())
+    if kept.floored and any(r["kept"] and r["fastest"] for r in kept.rounds):  # not warned when built as a probe
+        warn_floored(compressor.name, budget, kept.floored, stacklevel=5)
+    return kept
 
 
 def _signature(alloc: Allocation) -> tuple[Any, ...]:
