@@ -86,7 +86,7 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
     seen: set[tuple[Any, ...]] = set()
     goal: float | None = None
     twin: nn.Module | None = None
-    predicted_refusal: BudgetError | None = None
+    refused: BudgetError | None = None  # the curves' refusal of the goal the fastest allocation was built for
     for i in range(1 + compressor.latency_rounds):
         at_floor = False
         try:
@@ -94,7 +94,7 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
         except BudgetError as exc:  # the (re-aimed) goal is below what minimum ranks predict
             # The curves say the goal is out of reach, but they are what the loop corrects: the
             # fastest allocation, the nearest to the goal, is measured whole before the call refuses.
-            predicted_refusal = exc if i == 0 else None
+            refused = exc
             alloc = allocate(compressor, prep, candidates, latency, goal=goal, built=built, ceiling=True,
                              fastest=True, **kw)
             at_floor = True
@@ -118,10 +118,10 @@ def allocate_measured(compressor: "Compressor", prep: "Prepared", candidates: li
         if _in_window(measured, ceiling):
             break
         if at_floor and not confirmed:  # nothing faster to try
-            if predicted_refusal is not None:
-                raise BudgetError(f"{predicted_refusal}; measured whole, the fastest allocation is "
+            if i == 0:  # the budget itself: refused as predicted and as measured
+                raise BudgetError(f"{refused}; measured whole, the fastest allocation is "
                                   f"{latency['before_ms'] / max(measured, 1e-12):.2f}x faster than the dense model "
-                                  f"({measured:.4f} ms against a target of {ceiling:.4f} ms)") from predicted_refusal
+                                  f"({measured:.4f} ms against a target of {ceiling:.4f} ms)") from refused
             break
         goal = _next_goal([r for _, r in tried], ceiling / _AIM)
     kept = _keep(tried, ceiling, budget.tolerance, compressor.name, budget.describe())
