@@ -19,6 +19,7 @@ from hsc_plugin.plan import LayerPlan, RankBlock, RankProblem
 from hsc_plugin.registry import hookimpl, list_plugins
 from hsc_plugin.report import CompressionResult, LayerReport, Report
 from hsc_plugin.serialization import load, save
+from hsc_plugin.tuning import tune_pointwise
 from hsc_plugin.strategy import Block, BlockFactoriser, BlockFactors, ChannelClusterer, RankSelector, SpatialPartitioner
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ for _old, _new in {"costs": _macs, "latency": _timing, "cost_model": _latency_mo
 
 __all__ = [
     "fold_bn",
+    "tune_pointwise",
     "compress",
     "create_compressor",
     "Budget",

@@ -1,0 +1,106 @@
+"""What `hsc_plugin.tune_pointwise` gains in NCHW at the paper's scale (AlexNet, 4 classes, 512 px).
+
+Every method at 3× and 6× fewer MACs is timed in NCHW at each batch size three ways in the same
+interleaved run: the dense model, the compressed model as built, and the compressed model after
+`tune_pointwise` (each 1×1 conv as a conv or a matmul, whichever its own timing on this machine
+found faster by more than 10 %). Warm turns: each model runs 3 times in a row, the first untimed;
+speed-ups are per-turn ratios to the dense model, median with quartiles. Untrained seeded weights
+(timing depends only on shapes), calibration on MRI images upsampled, as `paper_scale.py`.
+
+    python benchmarks/pointwise_tuning.py --data ../shared/data/brain-mri-128 --out benchmarks/results/pointwise_tuning.md
+    python benchmarks/pointwise_tuning.py --size 128 --runs 3 --methods tucker2 --budgets 6x --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+from paper_scale import METHODS, calibration  # noqa: E402
+
+from hsc_plugin import Budget, compress, measure_costs, tune_pointwise  # noqa: E402
+
+
+def _turn(m: nn.Module, x: torch.Tensor, block: int = 3) -> float:
+    m(x)
+    t0 = time.perf_counter()
+    for _ in range(block - 1):
+        m(x)
+    return time.perf_counter() - t0
+
+
+def speedups(dense: nn.Module, models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, tuple[float, float, float]]:
+    """Quartiles of dense / model time per warm turn, every model interleaved with the dense one."""
+    ratios: dict[str, list[float]] = {n: [] for n in models}
+    with torch.inference_mode():
+        for i in range(runs + 1):
+            d = _turn(dense, x)
+            for n, m in models.items():
+                t = _turn(m, x)
+                if i:  # the first round warms up
+                    ratios[n].append(d / t)
+    out = {}
+    for n, r in ratios.items():
+        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+        out[n] = (q[0], statistics.median(r), q[2])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/brain-mri-128"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--budgets", nargs="+", default=["3x", "6x"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import torchvision
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(0)
+    base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
+    calib = calibration(args.data, args.calib, args.size)
+    dense_macs = measure_costs(base, calib[:1]).macs
+    lines = [f"# `tune_pointwise` at the paper's scale: AlexNet, 4 classes, {args.size} px, NCHW", "",
+             f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Warm turns, {args.runs} per model, "
+             "interleaved with the dense model; speed-up median [q1, q3]. `switched`: the 1×1 convs the "
+             "tuning ran as a matmul, of those it timed, and the largest gain it measured on one of them.", "",
+             "| method | budget | batch | MAC ratio | as built | tuned | switched | largest layer gain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mname in args.methods:
+        method, kw = METHODS[mname]
+        for bname in args.budgets:
+            comp = compress(base, method, calib=calib, budget=Budget(float(bname.rstrip("x"))), progress=False,
+                            **kw).model.eval()
+            ratio = dense_macs / measure_costs(comp, calib[:1]).macs
+            for batch in args.batches:
+                x = torch.randn(batch, 3, args.size, args.size)
+                tuned = tune_pointwise(comp, x)
+                recs = [r for r in tuned.tuned_pointwise if r["conv_ms"] is not None]
+                sw = [r for r in recs if r["execution"] == "matmul"]
+                best = max(sw, key=lambda r: r["conv_ms"] / r["matmul_ms"], default=None)
+                gain = (f"{best['name']} {tuple(best['shape'])}: {best['conv_ms']:.2f} → {best['matmul_ms']:.2f} ms"
+                        if best else "–")
+                s = speedups(base, {"built": comp, "tuned": tuned}, x, args.runs)
+                cell = {n: f"{v[1]:.2f}× [{v[0]:.2f}, {v[2]:.2f}]" for n, v in s.items()}
+                lines.append(f"| {mname} | {bname} | {batch} | {ratio:.2f}× | {cell['built']} | {cell['tuned']} "
+                             f"| {len(sw)} of {len(recs)} | {gain} |")
+                print(lines[-1], flush=True)
+    emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
