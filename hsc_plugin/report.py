@@ -134,6 +134,10 @@ class Report:
             chosen = [f"{n}: {e['form']}" for n, e in self.latency.get("layers", {}).items() if e.get("form")]
             if chosen:
                 lines.append("forms chosen by measured time: " + "; ".join(chosen))
+            if "pointwise_matmul" in self.latency:
+                mm = self.latency["pointwise_matmul"]
+                lines.append(f"1x1 factors run as a matmul (tune_pointwise, measured faster): {len(mm)}"
+                             + (f" ({', '.join(mm)})" if mm else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -102,6 +102,7 @@ def _input_shapes(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, 
 
 def tune_pointwise(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], *,
                    execution: str = "auto", runs: int = 10, margin: float = 0.1, inplace: bool = False,
+                   within: type | tuple[type, ...] | None = None,
                    clock: Callable[[], float] = time.perf_counter) -> nn.Module:
     """Give every 1×1 conv (dense or a factor; stride 1, no padding, one group) the faster of the
     conv kernel and a matmul for inference on ``example``'s batch size, layout and device.
@@ -111,7 +112,8 @@ def tune_pointwise(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor,
     a layer to the matmul only where it is faster by more than ``margin`` (a fraction of the conv's
     time), since a switch that gains nothing only adds a second code path. ``"matmul"`` switches
     every eligible layer without timing, ``"conv"`` none. Layers that see a channels_last or
-    non-CPU input keep the conv.
+    non-CPU input keep the conv. ``within``: only the 1×1 convs inside modules of these types
+    (e.g. ``FactorisedModule``: the factors, leaving the model's own dense layers as they are).
 
     Returns the tuned model (a copy unless ``inplace``); ``model.tuned_pointwise`` lists, per
     eligible layer: ``name``, ``shape``, ``conv_ms`` and ``matmul_ms`` (``None`` when not timed)
@@ -127,7 +129,9 @@ def tune_pointwise(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor,
     if model.training:
         raise RuntimeError("tune_pointwise times inference: call model.eval() first")
     target = model if inplace else copy.deepcopy(model)
-    names = [n for n, m in target.named_modules() if _eligible(m)]
+    scopes = None if within is None else [n for n, m in target.named_modules() if isinstance(m, within)]
+    names = [n for n, m in target.named_modules() if _eligible(m)
+             and (scopes is None or any(p == "" or n.startswith(p + ".") for p in scopes))]
     shapes = _input_shapes(target, example, names)
     records: list[dict[str, Any]] = []
     swaps: list[tuple[str, nn.Conv2d]] = []

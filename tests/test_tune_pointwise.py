@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from conftest import assert_unchanged, snapshot
-from hsc_plugin import compress, load, save, tune_pointwise
+from hsc_plugin import Budget, LatencyCostModel, compress, load, measure_costs, save, tune_pointwise
 from hsc_plugin import tuning
+from hsc_plugin.modules import FactorisedModule
 from hsc_plugin.tuning import PointwiseConv2d
 
-from _factories import FORMS, factorise_convs, tiny_cnn
+from _factories import FORMS, factorise_convs, tiny_cnn, wide_cnn
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -177,3 +178,52 @@ def test_bad_options_are_refused_before_anything_changes(kwargs, error):
 def test_train_mode_is_refused():
     with pytest.raises(RuntimeError, match="eval"):
         tune_pointwise(_tucker2().train(), X[:1])
+
+
+def _matmul_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every timing of the tuner says the matmul takes half the conv's time."""
+    monkeypatch.setattr(tuning, "round_robin", lambda calls, **_: {
+        "conv": {"median_ms": 1.0}, "matmul": {"median_ms": 0.5}})
+
+
+class _TunedFake(LatencyCostModel):
+    """A deterministic device on which a tuned 1×1 factor costs half a launch."""
+
+    def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
+        m = self.deployed(module, input_shape)
+        launches = sum(0.5 if isinstance(x, PointwiseConv2d) else 1.0 for x in m.modules()
+                       if isinstance(x, (nn.Conv2d, nn.Linear)))
+        return launches * 0.05 + measure_costs(m, torch.zeros(1, *input_shape)).macs * 1e-6 * self.batch
+
+
+def test_cost_model_times_a_tuned_copy_of_the_factorised_layers(monkeypatch):
+    _matmul_faster(monkeypatch)
+    model = _tucker2()
+    snap = snapshot(model)
+    cm = LatencyCostModel(2, tune_pointwise=True)
+    deployed = cm.deployed(model, (3, 32, 32))
+    assert deployed is not model
+    assert_unchanged(model, snap)
+    inside = {f"{n}.{c}" for n, m in deployed.named_modules() if isinstance(m, FactorisedModule)
+              for c, _ in m.named_modules() if c}
+    names = {n for n, m in deployed.named_modules() if isinstance(m, PointwiseConv2d)}
+    assert names and names <= inside
+    dense = _dense_pointwise()
+    assert not _pointwise(cm.deployed(dense, (3, 8, 8)))  # the model's own layers are left alone
+    assert LatencyCostModel(2).deployed(model, (3, 32, 32)) is model
+    assert LatencyCostModel(2, tune_pointwise=True, channels_last=True).deployed(model, (3, 32, 32)) is model
+    with pytest.raises(ValueError, match="ONNX Runtime"):
+        LatencyCostModel(2, tune_pointwise=True, runtime="onnxruntime")
+
+
+def test_latency_budget_returns_the_model_it_timed(monkeypatch):
+    _matmul_faster(monkeypatch)
+    model, x = wide_cnn(), torch.randn(8, 3, 24, 24)
+    res = compress(model, "tucker2", calib=x, budget=Budget(1.5, metric="latency"), data_aware=True,
+                   cost_model=_TunedFake(batch=1, tune_pointwise=True), progress=False)
+    names = [n for n, m in res.model.named_modules() if isinstance(m, PointwiseConv2d)]
+    assert names and sorted(res.report.latency["pointwise_matmul"]) == sorted(names)
+    assert "run as a matmul" in res.report.table()
+    with torch.inference_mode():
+        y_matmul = res.model(x)
+    torch.testing.assert_close(res.model(x), y_matmul, rtol=1e-5, atol=1e-5)  # grad mode: the convs

@@ -31,7 +31,9 @@ class LatencyCostModel:
     batch 64 favour different layers); ``fractions`` are the rank levels (fractions of each
     block's full rank) sampled per layer; ``channels_last`` times modules and inputs in the NHWC
     layout a CPU deployment should use (kernels rank differently in it: PyTorch's NCHW max-pool
-    is ~10× slower than its NHWC one on this project's CPU).
+    is ~10× slower than its NHWC one on this project's CPU). ``tune_pointwise``: time (and return)
+    the factorised layers with each 1×1 factor run as a conv or a matmul, whichever is measured
+    faster here (:func:`~hsc_plugin.tuning.tune_pointwise`; NCHW CPU inference, torch runtime).
     """
 
     def __init__(
@@ -44,9 +46,13 @@ class LatencyCostModel:
         fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5, 0.75),
         channels_last: bool = False,
         runtime: str = "torch",
+        tune_pointwise: bool = False,
     ) -> None:
         if runtime not in ("torch", "onnxruntime"):
             raise ValueError(f"runtime must be 'torch' or 'onnxruntime', got {runtime!r}")
+        if tune_pointwise and runtime != "torch":
+            raise ValueError("tune_pointwise chooses PyTorch executions; ONNX Runtime picks its own kernels")
+        self.tune_pointwise = bool(tune_pointwise)
         self.runtime = runtime
         if batch < 1 or runs < 1:
             raise ValueError(f"batch and runs must be >= 1, got batch={batch}, runs={runs}")
@@ -59,7 +65,25 @@ class LatencyCostModel:
 
     def config(self) -> dict[str, object]:
         return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions),
-                "channels_last": self.channels_last, "runtime": self.runtime}
+                "channels_last": self.channels_last, "runtime": self.runtime, "tune_pointwise": self.tune_pointwise}
+
+    def deployed(self, module: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+        """``module`` as it will run: itself, or with ``tune_pointwise`` a tuned copy (the 1×1 convs
+        inside its factorised layers on the execution measured faster at this batch)."""
+        if not self.tune_pointwise or self.channels_last:
+            return module
+        from hsc_plugin.modules import FactorisedModule
+        from hsc_plugin.tuning import tune_pointwise
+
+        p = next(module.parameters(), None)
+        x = torch.randn(self.batch, *input_shape, device=p.device if p is not None else "cpu",
+                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        mode = module.training
+        try:
+            tuned = tune_pointwise(module.eval(), x, runs=self.runs, within=FactorisedModule)
+        finally:
+            module.train(mode)
+        return tuned.train(mode)
 
     def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
@@ -70,7 +94,8 @@ class LatencyCostModel:
                                   warmup=self.warmup, threads=self.threads)
         from hsc_plugin.cost.timing import measure_latency
 
-        return measure_latency(module, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
+        return measure_latency(self.deployed(module, tuple(input_shape)), tuple(input_shape), batch=self.batch,
+                               runs=self.runs, warmup=self.warmup,
                                threads=self.threads, channels_last=self.channels_last)["median_ms"]
 
     def time_many(self, modules: dict[str, nn.Module], input_shape: tuple[int, ...], *,
@@ -84,6 +109,7 @@ class LatencyCostModel:
             return {k: self.time(m, input_shape) for k, m in modules.items()}
         from hsc_plugin.cost.timing import measure_interleaved
 
+        modules = {k: self.deployed(m, tuple(input_shape)) for k, m in modules.items()}
         res = measure_interleaved(modules, tuple(input_shape), batch=self.batch, runs=self.runs, warmup=self.warmup,
                                   threads=self.threads, channels_last=self.channels_last, block=block)
         return {k: float(v["median_ms"]) for k, v in res.items()}
