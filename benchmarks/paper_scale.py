@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--tune-pointwise", action="store_true",
+                    help="latency budgets: LatencyCostModel(tune_pointwise=True); the dense model as it is")
     ap.add_argument("--out", default=None, help="e.g. benchmarks/results/paper_scale.md")
     args = ap.parse_args()
     import torchvision
@@ -137,7 +139,8 @@ def main() -> None:
                     cl = layout == "channels_last"
                     if metric == "latency":
                         budget = Budget(ratio, metric="latency")
-                        extra = {"cost_model": LatencyCostModel(batch, channels_last=cl)}
+                        extra = {"cost_model": LatencyCostModel(batch, channels_last=cl,
+                                                                tune_pointwise=args.tune_pointwise)}
                     else:
                         budget, extra = Budget(ratio), {}
                     key = (mname, bname) if metric == "macs" else (mname, bname, batch, layout)
@@ -148,6 +151,9 @@ def main() -> None:
                             forms = Counter(L.details.get("form") or L.module for L in res.report.layers
                                             if L.status == "factorised")
                             kept[key] = f"{res.report.allocation}: " + "; ".join(f"{n}× {f}" for f, n in forms.items())
+                            mm = (res.report.latency or {}).get("pointwise_matmul")
+                            if mm is not None:
+                                kept[key] += f"; {len(mm)} 1x1 factor(s) as a matmul"
                             loop = (res.report.latency or {}).get("rounds") or []
                             if loop:  # the closed loop's whole-model speed-ups, as the compressor measured them
                                 kept[key] += "; closed loop " + " → ".join(
