@@ -9,6 +9,11 @@ speed-ups are per-turn ratios to the dense model, median with quartiles. Untrain
 
     python benchmarks/pointwise_tuning.py --data ../shared/data/brain-mri-128 --out benchmarks/results/pointwise_tuning.md
     python benchmarks/pointwise_tuning.py --size 128 --runs 3 --methods tucker2 --budgets 6x --batches 1
+
+``--latency 3`` instead compares latency budgets (NCHW, each batch) compressed with
+``LatencyCostModel(batch)`` and with ``LatencyCostModel(batch, tune_pointwise=True)``: the
+calibration output error each reaches (what the allocation minimises), MAC ratio, closed-loop
+rounds and forms, and both models timed in one interleaved run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 from paper_scale import METHODS, calibration  # noqa: E402
 
-from hsc_plugin import Budget, compress, measure_costs, tune_pointwise  # noqa: E402
+from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs, tune_pointwise  # noqa: E402
 
 
 def _turn(m: nn.Module, x: torch.Tensor, block: int = 3) -> float:
@@ -55,6 +61,42 @@ def speedups(dense: nn.Module, models: dict[str, nn.Module], x: torch.Tensor, ru
     return out
 
 
+def latency_rows(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor, dense_macs: int) -> list[str]:
+    """Latency budgets allocated on untuned and on tuned timings: error, MACs, rounds, speed."""
+    lines = [f"# Latency budget {args.latency:g}× in NCHW with and without `tune_pointwise`: AlexNet, {args.size} px", "",
+             f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads. `error`: calibration output error "
+             "(what the allocation minimises); `speed-up`: warm turns against the dense model, both models of a "
+             "row pair in one interleaved run, median [q1, q3].", "",
+             "| method | batch | cost model | error | MAC ratio | closed loop | speed-up | forms (1×1 as a matmul) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mname in args.methods:
+        method, kw = METHODS[mname]
+        for batch in args.batches:
+            built: dict[str, nn.Module] = {}
+            rows = {}
+            for tune in (False, True):
+                name = "tuned" if tune else "plain"
+                res = compress(base, method, calib=calib, budget=Budget(args.latency, metric="latency"),
+                               cost_model=LatencyCostModel(batch, tune_pointwise=tune), progress=False, **kw)
+                r = res.report
+                built[name] = res.model.eval()
+                loop = " → ".join(f"{x['speedup']:.2f}×" + (" (kept)" if x.get("kept") else "")
+                                  for x in (r.latency or {}).get("rounds") or [])
+                forms = Counter(L.details.get("form") or L.module for L in r.layers if L.status == "factorised")
+                mm = (r.latency or {}).get("pointwise_matmul")
+                rows[name] = (r.calibration_error, dense_macs / measure_costs(res.model, calib[:1]).macs, loop,
+                              "; ".join(f"{n}× {f}" for f, n in forms.items()) + (f" ({len(mm)})" if mm else ""))
+            x = torch.randn(batch, 3, args.size, args.size)
+            s = speedups(base, built, x, args.runs)
+            for name, (err, ratio, loop, forms) in rows.items():
+                v = s[name]
+                lines.append(f"| {mname} | {batch} | {'tune_pointwise=True' if name == 'tuned' else 'plain'} "
+                             f"| {err:.4f} | {ratio:.2f}× | {loop} | {v[1]:.2f}× [{v[0]:.2f}, {v[2]:.2f}] | {forms} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/brain-mri-128"))
@@ -64,6 +106,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--latency", type=float, default=None, help="compare latency budgets of this ratio instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torchvision
@@ -73,6 +116,9 @@ def main() -> None:
     base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
     calib = calibration(args.data, args.calib, args.size)
     dense_macs = measure_costs(base, calib[:1]).macs
+    if args.latency is not None:
+        emit(latency_rows(args, base, calib, dense_macs), args.out)
+        return
     lines = [f"# `tune_pointwise` at the paper's scale: AlexNet, 4 classes, {args.size} px, NCHW", "",
              f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. Warm turns, {args.runs} per model, "

@@ -108,7 +108,8 @@ def run(compressor: "Compressor", model: nn.Module, calib: Any = None, *, target
     check_budget(compressor.name, report, prep.budget, chosen.alloc.base_ref)
     if latency is not None and cost_model is not None:
         if cost_model.tune_pointwise and not cost_model.channels_last:  # the execution it was timed with
-            latency["pointwise_matmul"] = _tune(chosen.model, prep.example, cost_model)
+            tuned = cost_model.deployed(chosen.model, tuple(prep.example.shape[1:]), inplace=True)
+            latency["pointwise_matmul"] = [r["name"] for r in tuned.tuned_pointwise if r["execution"] == "matmul"]
         latency["after_ms"] = cost_model.time(chosen.model, tuple(prep.example.shape[1:]))
     out = _finish(prep, chosen, inplace)
     report.seconds = time.perf_counter() - t0
@@ -348,21 +349,6 @@ def measure(compressor: "Compressor", prep: Prepared, chosen: Selected) -> tuple
         errors = measure_errors(prep.work, chosen.modules, calib, desc=f"{compressor.name}: measuring error",
                                 progress=compressor.progress)
     return errors, measure_costs(chosen.model, prep.example)
-
-
-def _tune(model: nn.Module, example: torch.Tensor, cost_model: LatencyCostModel) -> list[str]:
-    """Give ``model``'s factorised layers, in place, the 1×1 executions the cost model timed them
-    with (:meth:`LatencyCostModel.deployed`); the layers now run as a matmul."""
-    from hsc_plugin.modules import FactorisedModule
-    from hsc_plugin.tuning import tune_pointwise
-
-    mode = model.training
-    x = torch.randn(cost_model.batch, *example.shape[1:], device=example.device, dtype=example.dtype)
-    try:
-        tuned = tune_pointwise(model.eval(), x, runs=cost_model.runs, within=FactorisedModule, inplace=True)
-    finally:
-        model.train(mode)
-    return [r["name"] for r in tuned.tuned_pointwise if r["execution"] == "matmul"]
 
 
 def _finish(prep: Prepared, chosen: Selected, inplace: bool) -> nn.Module:

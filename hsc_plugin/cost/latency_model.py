@@ -67,11 +67,13 @@ class LatencyCostModel:
         return {"name": type(self).__name__, "batch": self.batch, "runs": self.runs, "fractions": list(self.fractions),
                 "channels_last": self.channels_last, "runtime": self.runtime, "tune_pointwise": self.tune_pointwise}
 
-    def deployed(self, module: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
-        """``module`` as it will run: itself, or with ``tune_pointwise`` a tuned copy (the 1×1 convs
-        inside its factorised layers on the execution measured faster at this batch)."""
+    def deployed(self, module: nn.Module, input_shape: tuple[int, ...], *, inplace: bool = False) -> nn.Module:
+        """``module`` as it will run: itself, or with ``tune_pointwise`` a tuned copy (``inplace``:
+        the module itself, tuned) whose factorised layers run each 1×1 factor on the execution
+        measured faster at this batch and thread count; ``tuned_pointwise`` lists the choices."""
         if not self.tune_pointwise or self.channels_last:
             return module
+        from hsc_plugin.cost.timing import num_threads
         from hsc_plugin.modules import FactorisedModule
         from hsc_plugin.tuning import tune_pointwise
 
@@ -80,7 +82,8 @@ class LatencyCostModel:
                         dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
         mode = module.training
         try:
-            tuned = tune_pointwise(module.eval(), x, runs=self.runs, within=FactorisedModule)
+            with num_threads(self.threads):
+                tuned = tune_pointwise(module.eval(), x, runs=self.runs, within=FactorisedModule, inplace=inplace)
         finally:
             module.train(mode)
         return tuned.train(mode)
