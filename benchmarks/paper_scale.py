@@ -88,6 +88,17 @@ def calibration(data: str, n: int, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
 
+def paper_model(data: str, n_calib: int, size: int) -> tuple[nn.Module, torch.Tensor, int]:
+    """The seeded untrained AlexNet (4 classes), its calibration images and its dense MACs."""
+    import torchvision
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    torch.manual_seed(0)
+    base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
+    calib = calibration(data, n_calib, size)
+    return base, calib, measure_costs(base, calib[:1]).macs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/brain-mri-128"))
@@ -103,13 +114,7 @@ def main() -> None:
                     help="latency budgets: LatencyCostModel(tune_pointwise=True); the dense model as it is")
     ap.add_argument("--out", default=None, help="e.g. benchmarks/results/paper_scale.md")
     args = ap.parse_args()
-    import torchvision
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.manual_seed(0)
-    base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
-    calib = calibration(args.data, args.calib, args.size)
-    dense_macs = measure_costs(base, calib[:1]).macs
+    base, calib, dense_macs = paper_model(args.data, args.calib, args.size)
     threads = torch.get_num_threads()
     lines = [f"# Paper scale: torchvision AlexNet, 4 classes, {args.size} px, {dense_macs / 1e9:.2f} GMACs dense", "",
              "Weights are untrained (seeded, `weights=None`): run time depends only on layer shapes and ranks, "

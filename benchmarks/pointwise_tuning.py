@@ -22,7 +22,6 @@ import argparse
 import statistics
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
-from paper_scale import METHODS, calibration  # noqa: E402
+from paper_scale import METHODS, paper_model  # noqa: E402
 
 from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs, tune_pointwise  # noqa: E402
 
@@ -61,15 +60,20 @@ def speedups(dense: nn.Module, models: dict[str, nn.Module], x: torch.Tensor, ru
     return out
 
 
+def _header(title: str, explain: str, columns: list[str]) -> list[str]:
+    return [f"# {title}", "", f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads. {explain}", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def latency_rows(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor, dense_macs: int) -> list[str]:
     """Latency budgets allocated on untuned and on tuned timings: error, MACs, rounds, speed."""
-    lines = [f"# Latency budget {args.latency:g}× in NCHW with and without `tune_pointwise`: AlexNet, {args.size} px", "",
-             f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads. `error`: calibration output error "
-             "(what the allocation minimises); `speed-up`: warm turns against the dense model, both models of a "
-             "row pair in one interleaved run, median [q1, q3].", "",
-             "| method | batch | cost model | error | MAC ratio | closed loop | speed-up | forms (1×1 as a matmul) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = _header(f"Latency budget {args.latency:g}× in NCHW with and without `tune_pointwise`: AlexNet, "
+                    f"{args.size} px", "`error`: calibration output error (what the allocation minimises); "
+                    "`speed-up`: warm turns against the dense model, both models of a row pair in one interleaved "
+                    "run, median [q1, q3].",
+                    ["method", "batch", "cost model", "error", "MAC ratio", "closed loop", "speed-up",
+                     "forms (1×1 as a matmul)"])
     for mname in args.methods:
         method, kw = METHODS[mname]
         for batch in args.batches:
@@ -109,23 +113,15 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=None, help="compare latency budgets of this ratio instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    import torchvision
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    torch.manual_seed(0)
-    base = torchvision.models.alexnet(weights=None, num_classes=4).eval()
-    calib = calibration(args.data, args.calib, args.size)
-    dense_macs = measure_costs(base, calib[:1]).macs
+    base, calib, dense_macs = paper_model(args.data, args.calib, args.size)
     if args.latency is not None:
         emit(latency_rows(args, base, calib, dense_macs), args.out)
         return
-    lines = [f"# `tune_pointwise` at the paper's scale: AlexNet, 4 classes, {args.size} px, NCHW", "",
-             f"Command: `python benchmarks/pointwise_tuning.py {' '.join(sys.argv[1:])}`", "",
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads. Warm turns, {args.runs} per model, "
-             "interleaved with the dense model; speed-up median [q1, q3]. `switched`: the 1×1 convs the "
-             "tuning ran as a matmul, of those it timed, and the largest gain it measured on one of them.", "",
-             "| method | budget | batch | MAC ratio | as built | tuned | switched | largest layer gain |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = _header(f"`tune_pointwise` at the paper's scale: AlexNet, 4 classes, {args.size} px, NCHW",
+                    f"Warm turns, {args.runs} per model, interleaved with the dense model; speed-up median [q1, q3]. "
+                    "`switched`: the 1×1 convs the tuning ran as a matmul, of those it timed, and the largest gain "
+                    "it measured on one of them.",
+                    ["method", "budget", "batch", "MAC ratio", "as built", "tuned", "switched", "largest layer gain"])
     for mname in args.methods:
         method, kw = METHODS[mname]
         for bname in args.budgets:

@@ -106,12 +106,16 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         metric, text = given[0]
         budget = Budget.parse(text, metric=metric, scope=args.scope)  # type: ignore[arg-type]
     options = dict(_parse_option(o) for o in args.option)
-    if args.channels_last:
-        if budget is None or budget.metric != "latency":
-            raise SystemExit("hsc: --channels-last applies to a --latency budget (it sets the layout it is timed in)")
+    for flag, on in (("--channels-last", args.channels_last), ("--tune-pointwise", args.tune_pointwise)):
+        if on and (budget is None or budget.metric != "latency"):
+            raise SystemExit(f"hsc: {flag} applies to a --latency budget (it sets how the model is timed)")
+    if args.channels_last and args.tune_pointwise:
+        raise SystemExit("hsc: --tune-pointwise is for NCHW; channels_last runs 1x1 convs as matrix products already")
+    if args.channels_last or args.tune_pointwise:
         from hsc_plugin import LatencyCostModel
 
-        options["cost_model"] = LatencyCostModel(int(options.get("latency_batch", 1)), channels_last=True)
+        options["cost_model"] = LatencyCostModel(int(options.get("latency_batch", 1)), channels_last=args.channels_last,
+                                                 tune_pointwise=args.tune_pointwise)
     result = compress(model, args.method, calib=calib, budget=budget,
                       example_input=torch.randn(1, *shape), **options)
     print(result.report.table())
@@ -151,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "-o latency_batch=N sets the batch it is measured at")
     c.add_argument("--channels-last", action="store_true",
                    help="time the --latency budget in channels_last (NHWC), the layout a CPU deployment should use")
+    c.add_argument("--tune-pointwise", action="store_true",
+                   help="time the --latency budget (NCHW) with each 1x1 factor as a conv or a matmul, whichever is "
+                        "faster here; saved models keep weights, not this choice (hsc_plugin.tune_pointwise)")
     c.add_argument("--scope", default="model", choices=["model", "targets"])
     c.add_argument("--calib", help="folder of calibration images, or 'random' (clearly labelled)")
     c.add_argument("--num-calib", type=int, default=64, help="calibration images to use")

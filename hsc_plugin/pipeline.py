@@ -107,7 +107,7 @@ def run(compressor: "Compressor", model: nn.Module, calib: Any = None, *, target
     report = build_report(compressor, prep, chosen, errors, after, n_samples, latency)
     check_budget(compressor.name, report, prep.budget, chosen.alloc.base_ref)
     if latency is not None and cost_model is not None:
-        if cost_model.tune_pointwise and not cost_model.channels_last:  # the execution it was timed with
+        if cost_model.tune_pointwise and not cost_model.channels_last:  # run as timed: tuned, measured again
             tuned = cost_model.deployed(chosen.model, tuple(prep.example.shape[1:]), inplace=True)
             latency["pointwise_matmul"] = [r["name"] for r in tuned.tuned_pointwise if r["execution"] == "matmul"]
         latency["after_ms"] = cost_model.time(chosen.model, tuple(prep.example.shape[1:]))

@@ -152,6 +152,15 @@ def test_latency_budget_from_the_command_line(tmp_path: Path, capsys) -> None:
     assert cm["channels_last"] is True and cm["batch"] == 2
     with pytest.raises(SystemExit, match="applies to a --latency budget"):
         main(["compress", FACTORY, "--macs", "2x", "--channels-last", "--input-size", "3,32,32"])
+    rep3 = tmp_path / "r3.json"
+    assert main(["compress", FACTORY, "--method", "tucker2", "--latency", "1000ms", "--input-size", "3,32,32",
+                 "--tune-pointwise", "--report", str(rep3)]) == 0
+    lat3 = json.loads(rep3.read_text())["latency"]
+    assert lat3["cost_model"]["tune_pointwise"] is True and isinstance(lat3["pointwise_matmul"], list)
+    with pytest.raises(SystemExit, match="applies to a --latency budget"):
+        main(["compress", FACTORY, "--macs", "2x", "--tune-pointwise", "--input-size", "3,32,32"])
+    with pytest.raises(SystemExit, match="is for NCHW"):
+        main(["compress", FACTORY, "--latency", "2x", "--tune-pointwise", "--channels-last", "--input-size", "3,32,32"])
 
 
 def test_unknown_method_exits_2_with_a_suggestion() -> None:

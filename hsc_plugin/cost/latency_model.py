@@ -70,7 +70,8 @@ class LatencyCostModel:
     def deployed(self, module: nn.Module, input_shape: tuple[int, ...], *, inplace: bool = False) -> nn.Module:
         """``module`` as it will run: itself, or with ``tune_pointwise`` a tuned copy (``inplace``:
         the module itself, tuned) whose factorised layers run each 1×1 factor on the execution
-        measured faster at this batch and thread count; ``tuned_pointwise`` lists the choices."""
+        measured faster at this batch and thread count; ``tuned_pointwise`` lists the choices. The
+        built-in timers time this; a subclass overriding :meth:`time` calls it to do the same."""
         if not self.tune_pointwise or self.channels_last:
             return module
         from hsc_plugin.cost.timing import num_threads
