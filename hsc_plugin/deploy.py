@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import fx, nn
 
+from hsc_plugin.compressors.base import set_submodule
 from hsc_plugin.modules import FactorisedModule
 from hsc_plugin.modules.base import fold_affine
 
@@ -67,10 +68,6 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
 
 def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold each BatchNorm2d that directly follows a conv (dense or factorised) into its last factor.
@@ -90,7 +87,7 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         for prod, bn_name in pairs:
             bn = target.get_submodule(bn_name)
             if isinstance(bn, nn.BatchNorm2d) and _fold_into(target.get_submodule(prod), bn):
-                _set(target, bn_name, nn.Identity())
+                set_submodule(target, bn_name, nn.Identity())
                 folded.append(bn_name)
     target.folded_bn = folded
     return target

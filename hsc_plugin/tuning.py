@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hsc_plugin.compressors.base import set_submodule
 from hsc_plugin.cost.timing import round_robin
 
 __all__ = ["tune_pointwise", "PointwiseConv2d"]
@@ -66,10 +67,6 @@ def _eligible(m: nn.Module) -> bool:
     return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1
             and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros")
 
-
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def _pointwise(conv: nn.Conv2d) -> PointwiseConv2d:
@@ -156,6 +153,6 @@ def tune_pointwise(model: nn.Module, example: torch.Tensor | tuple[torch.Tensor,
             rec["execution"] = "matmul"
             swaps.append((name, conv))
     for name, conv in swaps:  # after all timing: a failure above leaves the model as it was
-        _set(target, name, _pointwise(conv))
+        set_submodule(target, name, _pointwise(conv))
     target.tuned_pointwise = records
     return target
