@@ -216,6 +216,22 @@ def test_cost_model_times_a_tuned_copy_of_the_factorised_layers(monkeypatch):
         LatencyCostModel(2, tune_pointwise=True, runtime="onnxruntime")
 
 
+def test_a_tuned_model_is_tuned_again_only_for_other_settings(monkeypatch):
+    _matmul_faster(monkeypatch)
+    calls = []
+    real = tuning.tune_pointwise
+    monkeypatch.setattr(tuning, "tune_pointwise", lambda *a, **k: calls.append(k) or real(*a, **k))
+    cm = LatencyCostModel(2, tune_pointwise=True)
+    deployed = cm.deployed(_tucker2(), (3, 32, 32))
+    assert len(calls) == 1
+    assert cm.deployed(deployed, (3, 32, 32)) is deployed  # the pipeline times its tuned result as it is
+    assert len(calls) == 1
+    for other in (LatencyCostModel(4, tune_pointwise=True), LatencyCostModel(2, tune_pointwise=True, threads=1),
+                  LatencyCostModel(2, tune_pointwise=True, runs=3)):
+        assert other.deployed(deployed, (3, 32, 32)) is not deployed
+    assert len(calls) == 4
+
+
 def test_latency_budget_returns_the_model_it_timed(monkeypatch):
     _matmul_faster(monkeypatch)
     model, x = wide_cnn(), torch.randn(8, 3, 24, 24)

@@ -74,6 +74,8 @@ class LatencyCostModel:
         built-in timers time this; a subclass overriding :meth:`time` calls it to do the same."""
         if not self.tune_pointwise or self.channels_last:
             return module
+        if getattr(module, "_tuned_for", None) == self._tuning_key():  # tuned here already (the pipeline's result)
+            return module
         from hsc_plugin.cost.timing import num_threads
         from hsc_plugin.modules import FactorisedModule
         from hsc_plugin.tuning import tune_pointwise
@@ -87,7 +89,12 @@ class LatencyCostModel:
                 tuned = tune_pointwise(module.eval(), x, runs=self.runs, within=FactorisedModule, inplace=inplace)
         finally:
             module.train(mode)
+        tuned._tuned_for = self._tuning_key()
         return tuned.train(mode)
+
+    def _tuning_key(self) -> tuple[int, int | None, int]:
+        """What a tuning depends on: the batch, the thread count and the timing runs."""
+        return (self.batch, self.threads, self.runs)
 
     def time(self, module: nn.Module, input_shape: tuple[int, ...]) -> float:
         """Median milliseconds of one forward of ``module`` on a ``(batch, *input_shape)`` input."""
