@@ -58,11 +58,12 @@ def interleaved_speedup(dense: nn.Module, comp: nn.Module, x: torch.Tensor, runs
     return _quartiles(ratios)
 
 
-def warm_speedup(dense: nn.Module, comp: nn.Module, x: torch.Tensor, runs: int, block: int = 3,
-                 warmup: int = 1) -> tuple[float, float, float]:
-    """Quartiles of dense_time / compressed_time over ``runs`` pairs of warm turns: each model runs
-    ``block`` times in a row and all but the first call are timed (the first refills the caches the
-    other model evicted), as the closed latency loop measures (``hsc_plugin.latency_loop``)."""
+def warm_speedups(dense: nn.Module, models: dict[str, nn.Module], x: torch.Tensor, runs: int, block: int = 3,
+                  warmup: int = 1) -> dict[str, tuple[float, float, float]]:
+    """Per model, quartiles of dense_time / its time over ``runs`` rounds of warm turns (each round
+    a dense turn, then one of every model): each model runs ``block`` times in a row and all but the
+    first call are timed (the first refills the caches the other model evicted), as the closed
+    latency loop measures (``hsc_plugin.latency_loop``)."""
 
     def turn(m: nn.Module) -> float:
         m(x)
@@ -71,13 +72,21 @@ def warm_speedup(dense: nn.Module, comp: nn.Module, x: torch.Tensor, runs: int, 
             m(x)
         return time.perf_counter() - t0
 
-    ratios = []
+    ratios: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
-        for _ in range(warmup):
-            turn(dense), turn(comp)
-        for _ in range(runs):
-            ratios.append(turn(dense) / turn(comp))
-    return _quartiles(ratios)
+        for i in range(warmup + runs):
+            d = turn(dense)
+            for n, m in models.items():
+                t = turn(m)
+                if i >= warmup:
+                    ratios[n].append(d / t)
+    return {n: _quartiles(r) for n, r in ratios.items()}
+
+
+def warm_speedup(dense: nn.Module, comp: nn.Module, x: torch.Tensor, runs: int, block: int = 3,
+                 warmup: int = 1) -> tuple[float, float, float]:
+    """:func:`warm_speedups` of one compressed model."""
+    return warm_speedups(dense, {"comp": comp}, x, runs, block, warmup)["comp"]
 
 
 def calibration(data: str, n: int, size: int) -> torch.Tensor:

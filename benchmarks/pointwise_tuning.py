@@ -9,6 +9,10 @@ speed-ups are per-turn ratios to the dense model, median with quartiles. Untrain
 
     python benchmarks/pointwise_tuning.py --data ../shared/data/brain-mri-128 --out benchmarks/results/pointwise_tuning.md
     python benchmarks/pointwise_tuning.py --size 128 --runs 3 --methods tucker2 --budgets 6x --batches 1
+    python benchmarks/pointwise_tuning.py --model mri --batches 1 32 --out benchmarks/results/pointwise_tuning_mri.md
+
+``--model mri`` times the committed MRI checkpoint (128 px, one channel, its 256 calibration
+images) instead of the paper-scale AlexNet.
 
 ``--latency 3`` instead compares latency budgets (NCHW, each batch) compressed with
 ``LatencyCostModel(batch)`` and with ``LatencyCostModel(batch, tune_pointwise=True)``: the
@@ -19,9 +23,7 @@ rounds and forms, and both models timed in one interleaved run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -29,35 +31,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit  # noqa: E402
-from paper_scale import METHODS, paper_model  # noqa: E402
+from _common import checkpoint_model_and_data, emit  # noqa: E402
+from paper_scale import METHODS, paper_model, warm_speedups  # noqa: E402
 
 from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs, tune_pointwise  # noqa: E402
-
-
-def _turn(m: nn.Module, x: torch.Tensor, block: int = 3) -> float:
-    m(x)
-    t0 = time.perf_counter()
-    for _ in range(block - 1):
-        m(x)
-    return time.perf_counter() - t0
-
-
-def speedups(dense: nn.Module, models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, tuple[float, float, float]]:
-    """Quartiles of dense / model time per warm turn, every model interleaved with the dense one."""
-    ratios: dict[str, list[float]] = {n: [] for n in models}
-    with torch.inference_mode():
-        for i in range(runs + 1):
-            d = _turn(dense, x)
-            for n, m in models.items():
-                t = _turn(m, x)
-                if i:  # the first round warms up
-                    ratios[n].append(d / t)
-    out = {}
-    for n, r in ratios.items():
-        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-        out[n] = (q[0], statistics.median(r), q[2])
-    return out
 
 
 def _header(title: str, explain: str, columns: list[str]) -> list[str]:
@@ -66,10 +43,12 @@ def _header(title: str, explain: str, columns: list[str]) -> list[str]:
             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def latency_rows(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor, dense_macs: int) -> list[str]:
+def latency_rows(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor, dense_macs: int,
+                 title: str) -> list[str]:
     """Latency budgets allocated on untuned and on tuned timings: error, MACs, rounds, speed."""
-    lines = _header(f"Latency budget {args.latency:g}× in NCHW with and without `tune_pointwise`: AlexNet, "
-                    f"{args.size} px", "`error`: calibration output error (what the allocation minimises); "
+    shape = tuple(calib.shape[1:])
+    lines = _header(f"Latency budget {args.latency:g}× in NCHW with and without `tune_pointwise`: {title}",
+                    "`error`: calibration output error (what the allocation minimises); "
                     "`speed-up`: warm turns against the dense model, both models of a row pair in one interleaved "
                     "run, median [q1, q3].",
                     ["method", "batch", "cost model", "error", "MAC ratio", "closed loop", "speed-up",
@@ -91,8 +70,8 @@ def latency_rows(args: argparse.Namespace, base: nn.Module, calib: torch.Tensor,
                 mm = (r.latency or {}).get("pointwise_matmul")
                 rows[name] = (r.calibration_error, dense_macs / measure_costs(res.model, calib[:1]).macs, loop,
                               "; ".join(f"{n}× {f}" for f, n in forms.items()) + (f" ({len(mm)})" if mm else ""))
-            x = torch.randn(batch, 3, args.size, args.size)
-            s = speedups(base, built, x, args.runs)
+            x = torch.randn(batch, *shape)
+            s = warm_speedups(base, built, x, args.runs)
             for name, (err, ratio, loop, forms) in rows.items():
                 v = s[name]
                 lines.append(f"| {mname} | {batch} | {'tune_pointwise=True' if name == 'tuned' else 'plain'} "
@@ -108,16 +87,26 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["3x", "6x"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--model", default="alexnet", choices=["alexnet", "mri"],
+                    help="alexnet: the paper-scale AlexNet (untrained, --size px); mri: the committed MRI checkpoint")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=None, help="calibration images (32 for alexnet, 256 for mri)")
     ap.add_argument("--latency", type=float, default=None, help="compare latency budgets of this ratio instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    base, calib, dense_macs = paper_model(args.data, args.calib, args.size)
+    if args.model == "mri":
+        base, _, _, calib = checkpoint_model_and_data(args.data)
+        calib = calib[:args.calib or 256]
+        dense_macs = measure_costs(base, calib[:1]).macs
+        title = f"the MRI AlexNet (committed checkpoint, {calib.shape[-1]} px, 1 channel)"
+    else:
+        base, calib, dense_macs = paper_model(args.data, args.calib or 32, args.size)
+        title = f"AlexNet, 4 classes, {args.size} px (the paper's scale)"
+    shape = tuple(calib.shape[1:])
     if args.latency is not None:
-        emit(latency_rows(args, base, calib, dense_macs), args.out)
+        emit(latency_rows(args, base, calib, dense_macs, title), args.out)
         return
-    lines = _header(f"`tune_pointwise` at the paper's scale: AlexNet, 4 classes, {args.size} px, NCHW",
+    lines = _header(f"`tune_pointwise` on {title}, NCHW",
                     f"Warm turns, {args.runs} per model, interleaved with the dense model; speed-up median [q1, q3]. "
                     "`switched`: the 1×1 convs the tuning ran as a matmul, of those it timed, and the largest gain "
                     "it measured on one of them.",
@@ -129,14 +118,14 @@ def main() -> None:
                             **kw).model.eval()
             ratio = dense_macs / measure_costs(comp, calib[:1]).macs
             for batch in args.batches:
-                x = torch.randn(batch, 3, args.size, args.size)
+                x = torch.randn(batch, *shape)
                 tuned = tune_pointwise(comp, x)
                 recs = [r for r in tuned.tuned_pointwise if r["conv_ms"] is not None]
                 sw = [r for r in recs if r["execution"] == "matmul"]
                 best = max(sw, key=lambda r: r["conv_ms"] / r["matmul_ms"], default=None)
                 gain = (f"{best['name']} {tuple(best['shape'])}: {best['conv_ms']:.2f} → {best['matmul_ms']:.2f} ms"
                         if best else "–")
-                s = speedups(base, {"built": comp, "tuned": tuned}, x, args.runs)
+                s = warm_speedups(base, {"built": comp, "tuned": tuned}, x, args.runs)
                 cell = {n: f"{v[1]:.2f}× [{v[0]:.2f}, {v[2]:.2f}]" for n, v in s.items()}
                 lines.append(f"| {mname} | {bname} | {batch} | {ratio:.2f}× | {cell['built']} | {cell['tuned']} "
                              f"| {len(sw)} of {len(recs)} | {gain} |")
