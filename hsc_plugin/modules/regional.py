@@ -5,8 +5,9 @@ the input clusters' k×k convs — one grouped conv when the clusters are balanc
 producing ``rank`` features per output pixel; only the final 1×1 depends on the region. The regions
 therefore copy K-channel maps (the reduced features), never C_in-channel crops of the input, and
 the MACs equal the base form's at the same rank (the 1×1s cover disjoint pixels). Outputs are
-assembled with ``torch.cat`` following the tiling's tree — no in-place writes, so autograd,
-TorchScript, ``torch.export`` and ONNX work.
+assembled by :func:`~hsc_plugin.modules.assembly.assemble` (one map written in eager inference;
+``torch.cat`` along the tiling's tree, no in-place writes, for autograd, TorchScript,
+``torch.export`` and ONNX).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from hsc_plugin.modules.base import (FactorisedModule, FinalLinear, add_bias, as_conv_kwargs, conv_geometry,
                                      fold_affine, region_deltas)
+from hsc_plugin.modules.assembly import assemble
 from hsc_plugin.tiling import Tiling, output_box
 
 __all__ = ["RegionalExpansionConv2d", "ClusterReduction"]
@@ -141,18 +143,18 @@ class RegionalExpansionConv2d(FactorisedModule, nn.Module):
         if self.single:
             return self.expands[0](z)
         h, w = z.shape[2], z.shape[3]
-        slots: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
+        boxes: list[tuple[int, int, int, int]] = []
         for i, expand in enumerate(self.expands):
             o0, o1, q0, q1 = output_box(self.regions[i], h, w, self.grid)
+            boxes.append((o0, o1, q0, q1))
             # A conv rejects an empty map, so a region with no pixels at this input size yields
             # zeros. Symbolic sizes (torch.fx proxies) cannot be compared: they take the conv.
             if not isinstance(o0, int) or (o1 > o0 and q1 > q0):
-                slots.append(expand(z[:, :, o0:o1, q0:q1]))
+                parts.append(expand(z[:, :, o0:o1, q0:q1]))
             else:
-                slots.append(z.new_zeros([z.shape[0], self.out_channels, o1 - o0, q1 - q0]))
-        for axis, members in self.program:
-            slots.append(torch.cat([slots[m] for m in members], axis))
-        return slots[-1]
+                parts.append(z.new_zeros([z.shape[0], self.out_channels, o1 - o0, q1 - q0]))
+        return assemble(parts, boxes, self.program)
 
     def spec(self) -> dict[str, Any]:
         first = self.first

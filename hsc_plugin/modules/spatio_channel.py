@@ -1,7 +1,8 @@
 """The HSC layer (``SpatioChannelConv2d``): one factorised block per region of a :class:`Tiling`.
 
-Regions are placed by :mod:`hsc_plugin.tiling`; their outputs are assembled with ``torch.cat``
-alone — no in-place writes, so autograd, TorchScript, ``torch.export`` and ONNX all work.
+Regions are placed by :mod:`hsc_plugin.tiling`; their outputs are assembled by
+:func:`~hsc_plugin.modules.assembly.assemble`: written into one map in eager inference,
+concatenated (no in-place writes) for autograd, TorchScript, ``torch.export`` and ONNX.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hsc_plugin.modules.assembly import assemble
 from hsc_plugin.modules.base import FactorisedModule, FinalLinear, add_bias, fold_affine, region_deltas
 from hsc_plugin.tiling import Tiling, explicit_padding, halo, input_window, output_box
 
@@ -261,7 +263,7 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     With one region the blocks use the layer's own padding. With several, the input is padded
     once (honouring ``padding_mode``), each region crops the input window it needs (its output
     rows/columns plus the kernel's halo) and runs its block without padding, and the outputs are
-    assembled by ``torch.cat`` following the tiling's tree. No dense equivalent is kept (``to_dense``
+    assembled into one map (:func:`~hsc_plugin.modules.assembly.assemble`). No dense equivalent is kept (``to_dense``
     is None) and its ranks need no protection from torch-pruning: the module is pruned as one layer.
     ``block`` (``"svd"`` or ``"tucker2"``, with ``region_ranks_in``: r_in per region and cluster)
     is how every (region, cluster) block is factorised (:class:`RegionBlock`).
@@ -319,15 +321,15 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
             xp = F.pad(x, [self.pad[2], self.pad[3], self.pad[0], self.pad[1]], mode=self.padding_mode)
         h_out = (xp.shape[2] - self.halo[0]) // self.stride[0] + 1
         w_out = (xp.shape[3] - self.halo[1]) // self.stride[1] + 1
-        slots: list[torch.Tensor] = []
+        parts: list[torch.Tensor] = []
+        boxes: list[tuple[int, int, int, int]] = []
         for i, block in enumerate(self.blocks):
             o0, o1, q0, q1 = output_box(self.regions[i], h_out, w_out, self.grid)
             a0, a1 = input_window(o0, o1, self.stride[0], self.halo[0])
             b0, b1 = input_window(q0, q1, self.stride[1], self.halo[1])
-            slots.append(block(xp[:, :, a0:a1, b0:b1]))
-        for axis, members in self.program:
-            slots.append(torch.cat([slots[m] for m in members], axis))
-        return slots[-1]
+            parts.append(block(xp[:, :, a0:a1, b0:b1]))
+            boxes.append((o0, o1, q0, q1))
+        return assemble(parts, boxes, self.program)
 
     def spec(self) -> dict[str, Any]:
         out = {
