@@ -2,9 +2,9 @@
 
 ``torch.cat`` along the tiling's tree copies every output pixel once per level of the tree (twice
 for a 2×2 grid: the rows, then the map). In eager inference the regions are instead written into
-one preallocated map, one copy per pixel: at the paper's scale that took HSC's 6×-MAC AlexNet from
-2.25× to 3.28× the dense model's speed at batch 8 in NCHW, and from 3.25× to 3.41× channels_last
-(``benchmarks/results/region_assembly.md``). Autograd, tracing, scripting, compilation and torch.fx
+one preallocated map, one copy per pixel: at the paper's scale HSC's AlexNets at 3× and 6× fewer
+MACs ran 1–6 % faster that way (6×, batch 1, channels_last: 2.76× → 2.93× the dense model's
+speed; ``benchmarks/results/region_assembly.md``). Autograd, tracing, scripting, compilation and torch.fx
 keep the concatenation, whose graph has no in-place op, so export, fine-tuning and torch-pruning
 see what they saw before. Both ways give the same values bit for bit.
 """
