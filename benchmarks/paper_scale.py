@@ -108,6 +108,21 @@ def paper_model(data: str, n_calib: int, size: int) -> tuple[nn.Module, torch.Te
     return base, calib, measure_costs(base, calib[:1]).macs
 
 
+def benchmark_model(name: str, data: str, n_calib: int | None, size: int) -> tuple[nn.Module, torch.Tensor, int, str]:
+    """``"alexnet"``: :func:`paper_model` (``n_calib`` images, 32 by default); ``"mri"``: the committed
+    MRI checkpoint with its calibration images (256 by default). Returns the model, calibration
+    images, dense MACs and a title."""
+    if name == "mri":
+        from _common import checkpoint_model_and_data
+
+        base, _, _, calib = checkpoint_model_and_data(data)
+        calib = calib[:n_calib or 256]
+        return (base, calib, measure_costs(base, calib[:1]).macs,
+                f"the MRI AlexNet (committed checkpoint, {calib.shape[-1]} px, 1 channel)")
+    base, calib, macs = paper_model(data, n_calib or 32, size)
+    return base, calib, macs, f"AlexNet, 4 classes, {size} px (the paper's scale)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/brain-mri-128"))

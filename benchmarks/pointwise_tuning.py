@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import checkpoint_model_and_data, emit  # noqa: E402
-from paper_scale import METHODS, paper_model, warm_speedups  # noqa: E402
+from _common import emit  # noqa: E402
+from paper_scale import METHODS, benchmark_model, warm_speedups  # noqa: E402
 
 from hsc_plugin import Budget, LatencyCostModel, compress, measure_costs, tune_pointwise  # noqa: E402
 
@@ -94,14 +94,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=None, help="compare latency budgets of this ratio instead")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.model == "mri":
-        base, _, _, calib = checkpoint_model_and_data(args.data)
-        calib = calib[:args.calib or 256]
-        dense_macs = measure_costs(base, calib[:1]).macs
-        title = f"the MRI AlexNet (committed checkpoint, {calib.shape[-1]} px, 1 channel)"
-    else:
-        base, calib, dense_macs = paper_model(args.data, args.calib or 32, args.size)
-        title = f"AlexNet, 4 classes, {args.size} px (the paper's scale)"
+    base, calib, dense_macs, title = benchmark_model(args.model, args.data, args.calib, args.size)
     shape = tuple(calib.shape[1:])
     if args.latency is not None:
         emit(latency_rows(args, base, calib, dense_macs, title), args.out)

@@ -9,6 +9,7 @@ untimed; per-turn ratios to the dense model, median [q1, q3]).
 
     python benchmarks/region_assembly.py --data ../shared/data/brain-mri-128 --out benchmarks/results/region_assembly.md
     python benchmarks/region_assembly.py --size 128 --runs 3 --budgets 6x --batches 1
+    python benchmarks/region_assembly.py --model mri --batches 1 32 --out benchmarks/results/region_assembly_mri.md
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
-from paper_scale import paper_model, warm_speedups  # noqa: E402
+from paper_scale import benchmark_model, warm_speedups  # noqa: E402
 
 from hsc_plugin import Budget, compress, measure_costs  # noqa: E402
 from hsc_plugin.modules import assembly  # noqa: E402
@@ -54,11 +55,13 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=None, help="calibration images (32 for alexnet, 256 for mri)")
+    ap.add_argument("--model", default="alexnet", choices=["alexnet", "mri"],
+                    help="alexnet: the paper-scale AlexNet (untrained, --size px); mri: the committed MRI checkpoint")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    base, calib, dense_macs = paper_model(args.data, args.calib, args.size)
-    lines = [f"# Region assembly: HSC's defaults on AlexNet, 4 classes, {args.size} px (the paper's scale)", "",
+    base, calib, dense_macs, title = benchmark_model(args.model, args.data, args.calib, args.size)
+    lines = [f"# Region assembly: HSC's defaults on {title}", "",
              f"Command: `python benchmarks/region_assembly.py {' '.join(sys.argv[1:])}`", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads. One compressed model per budget, timed "
              f"with its region layers writing one map (`write`) and concatenating (`cat`), {args.runs} warm turns "
