@@ -1,5 +1,5 @@
-"""Region outputs assembled into one map: written in place in eager inference, concatenated
-everywhere else — bit-identical values and the same memory layout either way."""
+"""Region outputs assembled into one map: written in place in eager inference when the map is large,
+concatenated everywhere else — bit-identical values and the same memory layout either way."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def _modules(tiling: Tiling) -> dict[str, nn.Module]:
     }
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _spy(monkeypatch: pytest.MonkeyPatch, least: int = 0) -> list[int]:
+    """Count the writes; maps of ``least`` elements and more are written (the tests' maps are small)."""
+    monkeypatch.setattr(assembly, "PASTE_MIN_ELEMENTS", least)
     calls: list[int] = []
     real = assembly._paste
     monkeypatch.setattr(assembly, "_paste", lambda parts, boxes: calls.append(len(parts)) or real(parts, boxes))
@@ -89,3 +91,18 @@ def test_training_gradients_flow_through_every_region() -> None:
     m = _modules(TILINGS["quadtree"])["hsc-input"].train()
     m(torch.randn(2, 6, 17, 14)).pow(2).sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in m.parameters())
+
+
+def test_small_maps_are_concatenated_in_inference(monkeypatch) -> None:
+    """Below the size where a saved copy outweighs the extra operator calls, inference concatenates."""
+    m = _modules(TILINGS["2x2"])["regional-svd"].eval()
+    x = torch.randn(2, 6, 17, 14)
+    n_out = 2 * 8 * 17 * 14
+    calls = _spy(monkeypatch, least=n_out + 1)
+    with torch.inference_mode():
+        small = m(x)
+    assert not calls
+    monkeypatch.setattr(assembly, "PASTE_MIN_ELEMENTS", n_out)
+    with torch.inference_mode():
+        assert torch.equal(m(x), small)
+    assert calls == [4]

@@ -1,12 +1,15 @@
 """How a region form puts its regions' outputs back into one map.
 
 ``torch.cat`` along the tiling's tree copies every output pixel once per level of the tree (twice
-for a 2×2 grid: the rows, then the map). In eager inference the regions are instead written into
-one preallocated map, one copy per pixel: at the paper's scale HSC's AlexNets at 3× and 6× fewer
-MACs ran 1–6 % faster that way (6×, batch 1, channels_last: 2.76× → 2.93× the dense model's
-speed; ``benchmarks/results/region_assembly.md``). Autograd, tracing, scripting, compilation and torch.fx
-keep the concatenation, whose graph has no in-place op, so export, fine-tuning and torch-pruning
-see what they saw before. Both ways give the same values bit for bit.
+for a 2×2 grid: the rows, then the map). In eager inference a large map is instead written into
+one preallocated tensor, one copy per pixel; a small one is concatenated, because there the
+operator calls cost more than the copy they save (writing takes one call per region plus the
+allocation, the tree one call per node). At the paper's scale HSC's AlexNets at 3× and 6× fewer
+MACs ran 1–6 % faster with every map written; on the 128-px MRI AlexNet at batch 1 (4×4 to 32×32
+maps) writing was 4–6 % slower (``benchmarks/results/region_assembly.md``,
+``region_assembly_mri.md``), hence :data:`PASTE_MIN_ELEMENTS`. Autograd, tracing, scripting,
+compilation and torch.fx keep the concatenation, whose graph has no in-place op, so export,
+fine-tuning and torch-pruning see what they saw before. Both ways give the same values bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from typing import List, Tuple
 
 import torch
 
-__all__ = ["assemble"]
+__all__ = ["assemble", "PASTE_MIN_ELEMENTS"]
+
+PASTE_MIN_ELEMENTS = 1 << 17
+"""Output elements (all samples and channels) from which a map is written rather than concatenated:
+512 KB of float32, a copy that takes several operator calls' time on a CPU."""
 
 
 def assemble(parts: List[torch.Tensor], boxes: List[Tuple[int, int, int, int]],
@@ -23,7 +30,7 @@ def assemble(parts: List[torch.Tensor], boxes: List[Tuple[int, int, int, int]],
     """The map whose region ``i`` (output rows ``o0:o1``, columns ``q0:q1`` in ``boxes[i]``) is
     ``parts[i]``. ``program`` is the tiling's concatenation tree (:meth:`Tiling.program`)."""
     if not torch.jit.is_scripting():
-        if _pasting(boxes):
+        if _pasting(parts, boxes):
             return _paste(parts, boxes)
     slots = list(parts)
     for axis, members in program:
@@ -32,11 +39,12 @@ def assemble(parts: List[torch.Tensor], boxes: List[Tuple[int, int, int, int]],
 
 
 @torch.jit.unused
-def _pasting(boxes: List[Tuple[int, int, int, int]]) -> bool:
-    """Eager inference with concrete sizes: no autograd graph, trace, compilation or fx proxy to
-    keep free of in-place writes."""
+def _pasting(parts: List[torch.Tensor], boxes: List[Tuple[int, int, int, int]]) -> bool:
+    """A large map in eager inference with concrete sizes: no autograd graph, trace, compilation or
+    fx proxy to keep free of in-place writes."""
     return (not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and all(type(v) is int for box in boxes for v in box))
+            and all(type(v) is int for box in boxes for v in box)
+            and sum(p.numel() for p in parts) >= PASTE_MIN_ELEMENTS)
 
 
 @torch.jit.unused
