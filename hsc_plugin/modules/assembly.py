@@ -8,9 +8,10 @@ allocation, the tree one call per node). At the paper's scale HSC's AlexNet at 6
 up to 6 % faster with its maps written (channels_last, batch 1: 2.65× → 2.81× the dense model's
 speed), and no slower anywhere; on the 128-px MRI AlexNet at batch 1 (4×4 to 32×32 maps) writing
 every map was 1–6 % slower, so there the maps, all under :data:`PASTE_MIN_ELEMENTS`, are
-concatenated as before (``benchmarks/results/region_assembly.md``, ``region_assembly_mri.md``). Autograd, tracing, scripting,
-compilation and torch.fx keep the concatenation, whose graph has no in-place op, so export,
-fine-tuning and torch-pruning see what they saw before. Both ways give the same values bit for bit.
+concatenated as before (``benchmarks/results/region_assembly.md``, ``region_assembly_mri.md``).
+Autograd, tracing, scripting, compilation and torch.fx keep the concatenation, whose graph has no
+in-place op, so export, fine-tuning and torch-pruning see what they saw before. Both ways give the
+same values bit for bit.
 """
 
 from __future__ import annotations

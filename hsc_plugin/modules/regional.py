@@ -5,7 +5,7 @@ the input clusters' k×k convs — one grouped conv when the clusters are balanc
 producing ``rank`` features per output pixel; only the final 1×1 depends on the region. The regions
 therefore copy K-channel maps (the reduced features), never C_in-channel crops of the input, and
 the MACs equal the base form's at the same rank (the 1×1s cover disjoint pixels). Outputs are
-assembled by :func:`~hsc_plugin.modules.assembly.assemble` (one map written in eager inference;
+assembled by :func:`~hsc_plugin.modules.assembly.assemble` (a large map written in eager inference;
 ``torch.cat`` along the tiling's tree, no in-place writes, for autograd, TorchScript,
 ``torch.export`` and ONNX).
 """

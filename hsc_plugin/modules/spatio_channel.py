@@ -1,7 +1,7 @@
 """The HSC layer (``SpatioChannelConv2d``): one factorised block per region of a :class:`Tiling`.
 
 Regions are placed by :mod:`hsc_plugin.tiling`; their outputs are assembled by
-:func:`~hsc_plugin.modules.assembly.assemble`: written into one map in eager inference,
+:func:`~hsc_plugin.modules.assembly.assemble`: a large map written in eager inference,
 concatenated (no in-place writes) for autograd, TorchScript, ``torch.export`` and ONNX.
 """
 
@@ -263,8 +263,8 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     With one region the blocks use the layer's own padding. With several, the input is padded
     once (honouring ``padding_mode``), each region crops the input window it needs (its output
     rows/columns plus the kernel's halo) and runs its block without padding, and the outputs are
-    assembled into one map (:func:`~hsc_plugin.modules.assembly.assemble`). No dense equivalent is kept (``to_dense``
-    is None) and its ranks need no protection from torch-pruning: the module is pruned as one layer.
+    assembled into one map (:func:`~hsc_plugin.modules.assembly.assemble`). No dense equivalent is
+    kept (``to_dense`` is None) and its ranks need no protection from torch-pruning: the module is pruned as one layer.
     ``block`` (``"svd"`` or ``"tucker2"``, with ``region_ranks_in``: r_in per region and cluster)
     is how every (region, cluster) block is factorised (:class:`RegionBlock`).
     """
