@@ -31,36 +31,20 @@ from hsc_plugin import Budget, compress, measure_costs  # noqa: E402
 from hsc_plugin.modules import assembly  # noqa: E402
 
 
-class Writing(nn.Module):
-    """``model`` with every region layer writing its regions into one map, whatever its size."""
+class Patched(nn.Module):
+    """``model`` run with ``hsc_plugin.modules.assembly.<name>`` set to ``value``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, name: str, value: object) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.name, self.value = model, name, value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        least = assembly.PASTE_MIN_ELEMENTS
-        assembly.PASTE_MIN_ELEMENTS = 0
+        kept = getattr(assembly, self.name)
+        setattr(assembly, self.name, self.value)
         try:
             return self.model(x)
         finally:
-            assembly.PASTE_MIN_ELEMENTS = least
-
-
-class Concatenating(nn.Module):
-    """``model`` with every region layer concatenating its regions, as under autograd."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pasting = assembly._pasting
-        assembly._pasting = lambda parts, boxes: False
-        try:
-            return self.model(x)
-        finally:
-            assembly._pasting = pasting
+            setattr(assembly, self.name, kept)
 
 
 def main() -> None:
@@ -97,8 +81,9 @@ def main() -> None:
             model = copy.deepcopy(comp).to(memory_format=fmt)
             for batch in args.batches:
                 x = torch.randn(batch, *calib.shape[1:]).contiguous(memory_format=fmt)
-                s = warm_speedups(dense, {"cat": Concatenating(model), "write": Writing(model), "default": model}, x,
-                                  args.runs)
+                variants = {"cat": Patched(model, "_pasting", lambda parts, boxes: False),  # as under autograd
+                            "write": Patched(model, "PASTE_MIN_ELEMENTS", 0), "default": model}
+                s = warm_speedups(dense, variants, x, args.runs)
                 cell = {n: f"{v[1]:.2f}× [{v[0]:.2f}, {v[2]:.2f}]" for n, v in s.items()}
                 share = " → ".join(f"{100 * s[n][1] / ratio:.0f} %" for n in ("cat", "write", "default"))
                 lines.append(f"| {bname} | {batch} | {layout} | {ratio:.2f}× | {cell['cat']} | {cell['write']} "
