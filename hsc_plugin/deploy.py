@@ -68,7 +68,6 @@ def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
-
 def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold each BatchNorm2d that directly follows a conv (dense or factorised) into its last factor.
 

@@ -68,7 +68,6 @@ def _eligible(m: nn.Module) -> bool:
             and m.padding in ((0, 0), "valid") and m.padding_mode == "zeros")
 
 
-
 def _pointwise(conv: nn.Conv2d) -> PointwiseConv2d:
     """The same layer as a :class:`PointwiseConv2d`, sharing its parameters."""
     new = PointwiseConv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None,

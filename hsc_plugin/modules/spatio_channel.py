@@ -264,7 +264,8 @@ class SpatioChannelConv2d(FactorisedModule, nn.Module):
     once (honouring ``padding_mode``), each region crops the input window it needs (its output
     rows/columns plus the kernel's halo) and runs its block without padding, and the outputs are
     assembled into one map (:func:`~hsc_plugin.modules.assembly.assemble`). No dense equivalent is
-    kept (``to_dense`` is None) and its ranks need no protection from torch-pruning: the module is pruned as one layer.
+    kept (``to_dense`` is None) and its ranks need no protection from torch-pruning: the module is
+    pruned as one layer.
     ``block`` (``"svd"`` or ``"tucker2"``, with ``region_ranks_in``: r_in per region and cluster)
     is how every (region, cluster) block is factorised (:class:`RegionBlock`).
     """
