@@ -91,7 +91,7 @@ def _lossless(alloc: Allocation) -> bool:
 
 
 def selection_plan(compressor: "Compressor", macs_per_sample: float, n_layers: int, n_candidates: int,
-                   samples: int) -> dict[str, Any]:
+                   samples: int, *, batchnorm: bool = True) -> dict[str, Any]:
     """How the recovery-and-choice stage runs within ``compressor.selection_gmacs``.
 
     Its work is counted in dense forward passes of the calibration subset: per candidate one error
@@ -103,8 +103,11 @@ def selection_plan(compressor: "Compressor", macs_per_sample: float, n_layers: i
     no refit ("none", at fewer samples). MACs, not seconds, so the choice is the same on every
     machine (seeded results stay reproducible). On the MRI AlexNet the stage is ~0.6 TMAC and
     nothing changes; on resnet50 at 256 samples it would be ~165 TMAC (hours on 2 cores).
+    ``batchnorm=False`` (a model without BatchNorm statistics): BN re-estimation does no passes, so
+    none are counted for it.
     """
-    steps = 2 * (int(compressor.bn_reestimation) + int(compressor.bias_correction))
+    bn = compressor.bn_reestimation and batchnorm
+    steps = 2 * (int(bn) + int(compressor.bias_correction))
     per_candidate = 1 + steps
     refit = 0.5 * n_layers + 1 if compressor.sequential_refit else 0.0
     cap = compressor.selection_gmacs
@@ -133,7 +136,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     (so BN re-estimation is judged by what the compression lost, not by how far the model's
     training-time statistics are from the user's data).
     """
-    from hsc_plugin.recovery import output_error, recover, reestimate_bn
+    from hsc_plugin.recovery import _batchnorms, output_error, recover, reestimate_bn
 
     names = list(allocations)
     if _distributed():
@@ -152,7 +155,8 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     stage: dict[str, Any] = {"refit": "each" if compressor.sequential_refit else "none"}
     if recovering:
         stage = selection_plan(compressor, float(prep.before.macs),
-                               max(len(a.modules) for a in allocations.values()), len(names), calib.shape[0])
+                               max(len(a.modules) for a in allocations.values()), len(names), calib.shape[0],
+                               batchnorm=bool(_batchnorms(prep.work)))
         calib = calib[:stage["samples"]]
         if stage["samples"] < stage["asked_samples"] or stage["refit"] == "winner" or (
                 compressor.sequential_refit and stage["refit"] == "none"):

@@ -18,8 +18,8 @@ def _x(n: int = 64, size: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
 
 
-def _plan(macs: float, layers: int = 54, candidates: int = 5, samples: int = 256, **opts):
-    return selection_plan(create_compressor("hsc", **opts), macs, layers, candidates, samples)
+def _plan(macs: float, layers: int = 54, candidates: int = 5, samples: int = 256, batchnorm: bool = True, **opts):
+    return selection_plan(create_compressor("hsc", **opts), macs, layers, candidates, samples, batchnorm=batchnorm)
 
 
 def test_small_models_refit_every_candidate_on_every_sample() -> None:
@@ -36,6 +36,17 @@ def test_large_models_step_down_in_order() -> None:
         assert p["gmacs"] <= p["cap_gmacs"] * 1.001
     huge = _plan(1e12)  # never below the floor of samples, even past the cap
     assert huge["refit"] == "none" and huge["samples"] == MIN_SELECTION_SAMPLES
+
+
+def test_no_batchnorm_costs_no_passes() -> None:
+    # AlexNet at 512 px has no BatchNorm: re-estimating it is a no-op, so its passes are not counted
+    # and the stage's ten default candidates (HSC's and the baselines') still fit a refit of the winner.
+    with_bn = _plan(3.7e9, layers=8, candidates=10, samples=32)
+    without = _plan(3.7e9, layers=8, candidates=10, samples=32, batchnorm=False)
+    assert with_bn["refit"] == "none" and without["refit"] == "winner"
+    assert without["samples"] >= MIN_SELECTION_SAMPLES and without["gmacs"] <= without["cap_gmacs"]
+    assert _plan(3.7e9, layers=8, candidates=10, samples=32, batchnorm=False, bn_reestimation=False) == \
+        _plan(3.7e9, layers=8, candidates=10, samples=32, bn_reestimation=False)
 
 
 def test_no_cap_and_no_refit() -> None:
