@@ -54,13 +54,12 @@ DEFAULT = ["hsc", "hsc-uncapped", "tucker2", "global_svd"]
 
 
 def held_out(data: str, n: int, size: int) -> torch.Tensor:
-    """The first ``n`` test images of each class in turn, upsampled and repeated as the calibration is."""
+    """The first ``n / classes`` test images of each class, upsampled and repeated as the calibration is."""
     from hsc_plugin.mri import load_split
 
     x, y = load_split(data, "test", 128).tensors
-    order = torch.cat([torch.nonzero(y == c).flatten() for c in y.unique()])
-    per = [order[y[order] == c][: max(1, n // len(y.unique()))] for c in y.unique()]
-    x = x[torch.cat(per)]
+    classes = y.unique()
+    x = x[torch.cat([torch.nonzero(y == c).flatten()[: max(1, n // len(classes))] for c in classes])]
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
 
