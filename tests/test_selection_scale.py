@@ -92,3 +92,23 @@ def test_capped_stage_refits_the_winner_and_never_raises_the_error() -> None:
         full = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False)
     assert not [w for w in caught if "selection_gmacs" in str(w.message)]
     assert full.report.recovery["selection"]["refit"] == "each"
+
+
+def test_stage_on_a_model_without_batchnorm_counts_no_bn_passes() -> None:
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    model.body[1] = torch.nn.Identity()  # its BatchNorm layers gone: re-estimation has nothing to do
+    model.body[6] = torch.nn.Identity()
+    x = _x()
+    full = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False)
+    n = len(full.report.candidates)
+    assert n > 1 and full.report.recovery["selection"]["refit"] == "each"
+    layers = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    # Refitting the winner on all 64 samples costs 2 + n + refit + 1 dense passes without BN's, and
+    # 2n + 2 more with them; a cap halfway between fits all 64 samples only if none are counted.
+    without = 2 + n + (0.5 * layers + 1) + 1
+    cap = full.report.macs_before * 64 * (without + n + 1) / 1e9
+    res = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False, selection_gmacs=cap)
+    stage = res.report.recovery["selection"]
+    assert stage["refit"] == "winner" and stage["samples"] == 64
+    assert res.report.calibration_error <= res.report.recovery["error_before"] + 1e-12
