@@ -1,17 +1,18 @@
 """Compressor settings compared at the paper's scale, in output error and in time.
 
-The default settings ask what HSC's capped choice among its candidates costs. HSC builds several candidate allocations (its own, and the Global SVD and Tucker-2 baselines it
-contains), recovers each label-free and keeps the one with the lowest output error. That stage is
-capped at ``selection_gmacs`` (2000 GMACs of forward passes by default): past it, only the winner
-is refitted, or no candidate is. The single-method compressors have one candidate and stay under the
-cap with their refit. This compresses the paper-scale AlexNet (4 classes, 512 px, untrained seeded
-weights, MRI calibration images upsampled) at one MAC budget with HSC as capped by default, HSC
-uncapped (``selection_gmacs=None``: every candidate refitted) and the data-aware baselines, then
-gives each model's output error against the dense model (relative L2 of the logits) on the
-calibration images and on held-out test images, the time compression took, and its warm speed-up
-over the dense model (interleaved, quartiles) at batch 1 and 8 in both layouts. The ``-q16``
-settings ask what ranks rounded to multiples of 16 (``rank_multiple=16``: one AVX-512 register of
-float32) buy in time and cost in error.
+The default settings ask what HSC's capped choice among its candidates costs. HSC builds several
+candidate allocations (its own, and the Global SVD and Tucker-2 baselines it contains), recovers
+each label-free and keeps the one with the lowest output error. That stage is capped at
+``selection_gmacs`` (2000 GMACs of forward passes by default): past it, only the winner is refitted,
+or no candidate is. The single-method compressors have one candidate and stay under the cap with
+their refit. This compresses the paper-scale AlexNet (4 classes, 512 px, untrained seeded weights,
+MRI calibration images upsampled) at one MAC budget with HSC as capped by default, HSC uncapped
+(``selection_gmacs=None``: every candidate refitted) and the data-aware baselines, then gives each
+model's output error against the dense model (relative L2 of the logits) on the calibration images
+and on held-out test images, the time compression took, and its warm speed-up over the dense model
+(interleaved, quartiles) at batch 1 and 8 in both layouts. The ``-q16`` settings ask what ranks
+rounded to multiples of 16 (``rank_multiple=16``: one AVX-512 register of float32) buy in time and
+cost in error.
 
 Untrained weights: the output errors say how well each method reproduces this network's function on
 these images, not how a trained net's accuracy would move; the times depend only on the shapes.
@@ -88,9 +89,9 @@ def main() -> None:
         stage = (res.report.recovery or {}).get("selection") or {}
         with torch.inference_mode():
             errs = (output_error(base, model, calib), output_error(base, model, test))
+        ran = f"{stage.get('refit', '–')}, {stage.get('samples', '–')} of {stage.get('asked_samples', '–')}"
         rows[name] = (f"{dense_macs / measure_costs(model, calib[:1]).macs:.2f}×", res.report.allocation or method,
-                      f"{stage.get('refit', '–')}, {stage.get('samples', '–')} of {stage.get('asked_samples', '–')}",
-                      f"{errs[0]:.4f}", f"{errs[1]:.4f}", f"{seconds:.0f}")
+                      ran, f"{errs[0]:.4f}", f"{errs[1]:.4f}", f"{seconds:.0f}")
         built[name] = model
         print(name, rows[name], flush=True)
     speed: dict[str, list[str]] = {n: [] for n in built}
@@ -115,7 +116,8 @@ def main() -> None:
              "recovery-and-choice stage ran (`each`: every candidate refitted; `winner`: only the candidate with the "
              "lowest error before its refit; `none`), on how many calibration samples. Speed-ups: warm turns "
              f"interleaved with the dense model, {args.runs} rounds, median [q1, q3].", "",
-             f"| setting | MAC ratio | allocation kept | stage | error, calibration | error, held out | compress s | {head} |",
+             "| setting | MAC ratio | allocation kept | stage | error, calibration | error, held out | compress s | "
+             f"{head} |",
              "|---" * (7 + len(configs)) + "|"]
     for n, r in rows.items():
         lines.append(f"| {n} | " + " | ".join(r) + " | " + " | ".join(speed[n]) + " |")
