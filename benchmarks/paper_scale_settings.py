@@ -20,6 +20,8 @@ these images, not how a trained net's accuracy would move; the times depend only
     python benchmarks/paper_scale_settings.py --data ../shared/data/brain-mri-128 --out benchmarks/results/paper_scale_selection.md
     python benchmarks/paper_scale_settings.py --data ../shared/data/brain-mri-128 --settings hsc hsc-q16 tucker2 \
         tucker2-q16 global_svd global_svd-q16 --out benchmarks/results/paper_scale_rank_multiple.md
+    python benchmarks/paper_scale_settings.py --data ../shared/data/brain-mri-128 --settings hsc-uncapped-q16 \
+        tucker2 tucker2-q16 --out benchmarks/results/paper_scale_uncapped_q16.md
     python benchmarks/paper_scale_settings.py --size 128 --runs 3 --batches 1 --layouts nchw
 """
 
@@ -50,6 +52,8 @@ SETTINGS: dict[str, tuple[str, str, dict]] = {  # name → (label, method, optio
     "tucker2-q16": ("tucker2 (data-aware), rank_multiple=16", "tucker2", {"data_aware": True, "rank_multiple": 16}),
     "global_svd-q16": ("global_svd (data-aware), rank_multiple=16", "global_svd",
                        {"data_aware": True, "rank_multiple": 16}),
+    "hsc-uncapped-q16": ("hsc, selection_gmacs=None, rank_multiple=16", "hsc",
+                         {"selection_gmacs": None, "rank_multiple": 16}),
 }
 DEFAULT = ["hsc", "hsc-uncapped", "tucker2", "global_svd"]
 
