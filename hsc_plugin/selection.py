@@ -152,11 +152,12 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     calib = first_samples(prep.fit, compressor.selection_samples - (held.shape[0] if held is not None else 0))
     reference: nn.Module = prep.work
     recovering = compressor.recovers() and not all(_lossless(a) for a in allocations.values())
+    batchnorm = bool(_batchnorms(prep.work))
     stage: dict[str, Any] = {"refit": "each" if compressor.sequential_refit else "none"}
     if recovering:
         stage = selection_plan(compressor, float(prep.before.macs),
                                max(len(a.modules) for a in allocations.values()), len(names), calib.shape[0],
-                               batchnorm=bool(_batchnorms(prep.work)))
+                               batchnorm=batchnorm)
         calib = calib[:stage["samples"]]
         if stage["samples"] < stage["asked_samples"] or stage["refit"] == "winner" or (
                 compressor.sequential_refit and stage["refit"] == "none"):
@@ -166,10 +167,10 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
                 f"{stage['samples']} of {stage['asked_samples']} samples with the sequential refit "
                 + {"winner": "on the chosen candidate only", "none": "off"}.get(stage["refit"], "on every candidate")
                 + " (raise selection_gmacs, or None, to spend more)", stacklevel=4)
-    if recovering and compressor.bn_reestimation:
+    if recovering and compressor.bn_reestimation and batchnorm:  # without BatchNorm: the model as it is
         reference = copy.deepcopy(prep.work)
         if reestimate_bn(reference, calib, batch_size=compressor.calib_batch_size) == 0:
-            reference = prep.work  # no BatchNorm: the uncompressed model as it is
+            reference = prep.work  # no BatchNorm the data reaches
     features, reference = reference, _Replay(reference)
 
     def recovered(model: nn.Module, alloc: Allocation, refit: bool) -> dict[str, Any]:
