@@ -93,7 +93,11 @@ def calibration(data: str, n: int, size: int) -> torch.Tensor:
     from hsc_plugin.mri import load_split
     from hsc_plugin.mri.experiment import calibration_subset
 
-    x = calibration_subset(load_split(data, "train", 128), n, 0)
+    return upsampled(calibration_subset(load_split(data, "train", 128), n, 0), size)
+
+
+def upsampled(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey MRI images as the paper-scale AlexNet's input: resized to ``size`` px, 3 channels."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
 

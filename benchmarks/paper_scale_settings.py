@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
-from paper_scale import paper_model, warm_speedups  # noqa: E402
+from paper_scale import paper_model, upsampled, warm_speedups  # noqa: E402
 
 from hsc_plugin import Budget, compress, measure_costs  # noqa: E402
 from hsc_plugin.recovery import output_error  # noqa: E402
@@ -64,8 +63,8 @@ def held_out(data: str, n: int, size: int) -> torch.Tensor:
 
     x, y = load_split(data, "test", 128).tensors
     classes = y.unique()
-    x = x[torch.cat([torch.nonzero(y == c).flatten()[: max(1, n // len(classes))] for c in classes])]
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return upsampled(x[torch.cat([torch.nonzero(y == c).flatten()[: max(1, n // len(classes))] for c in classes])],
+                     size)
 
 
 def main() -> None:
