@@ -28,13 +28,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from hsc_plugin.calibration import Accumulator, CalibrationError, check_batch, iter_batches, run_calibration
 from hsc_plugin.modules.base import FactorisedModule
+
+if TYPE_CHECKING:
+    from hsc_plugin.refit import ReferenceOutputs
 
 __all__ = ["output_error", "reestimate_bn", "correct_bias", "recover", "replaced_modules"]
 
@@ -304,7 +307,8 @@ def _guarded(step: str, error: float, apply: Callable[[], Any], undo: Callable[[
 
 
 def _refit_step(features: nn.Module, model: nn.Module, names: list[str], calib: Any, error: float,
-                measure: Callable[[], float], batch_size: int) -> dict[str, Any]:
+                measure: Callable[[], float], batch_size: int,
+                kept: "ReferenceOutputs | None" = None) -> dict[str, Any]:
     from hsc_plugin.refit import sequential_refit
 
     modules = _check_originals(model, dict.fromkeys(names), biased=False)
@@ -318,12 +322,13 @@ def _refit_step(features: nn.Module, model: nn.Module, names: list[str], calib: 
         _load_bn_state(bns, states)
 
     return _guarded("sequential_refit", error, lambda: sequential_refit(
-        features, model, names, calib, batch_size=batch_size), undo, measure)
+        features, model, names, calib, batch_size=batch_size, kept=kept), undo, measure)
 
 
 def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.Module], calib: Any, *,
             bn: bool = True, bias: bool = False, refit: bool = False, refresh_reference: bool = True,
-            batch_size: int = 64, features: nn.Module | None = None) -> dict[str, Any]:
+            batch_size: int = 64, features: nn.Module | None = None,
+            kept: "ReferenceOutputs | None" = None) -> dict[str, Any]:
     """Sequential refit, bias correction, then BN re-estimation, on ``model`` (in place), each kept
     only where it lowers the output error on ``calib`` and undone otherwise; so recovery never raises it.
 
@@ -331,6 +336,8 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
     (the uncompressed model the error is measured against, when ``reference`` only replays its
     outputs; default: that model) as targets. Off here by default; the compressors turn it on
     (their ``sequential_refit`` option, measured in ``benchmarks/results/sequential_mri.md``).
+    ``kept``: :class:`hsc_plugin.refit.ReferenceOutputs` of ``features``, shared by the recoveries
+    of several candidates on the same ``calib`` so the refit's targets are computed once.
 
     The error is :func:`output_error` against ``reference``, or with ``refresh_reference`` (``bn``
     on and BN layers in ``reference``) against a copy of it whose BN statistics are re-estimated on ``calib``:
@@ -357,7 +364,7 @@ def recover(reference: nn.Module, model: nn.Module, originals: Mapping[str, nn.M
     steps: list[dict[str, Any]] = []
     if refit and originals:
         steps.append(_refit_step(features if features is not None else target, model, list(originals), calib,
-                                 error, measure, batch_size))
+                                 error, measure, batch_size, kept))
         error = min(error, steps[-1]["error_after"])
     if bias and modules:
         backup = {n: copy.deepcopy(m) for n, m in modules.items()}

@@ -38,7 +38,7 @@ from hsc_plugin.calibration import CalibrationError
 from hsc_plugin.modules.base import FactorisedModule
 from hsc_plugin.recovery import _batchnorms, _bn_state, _inputs, _load_bn_state, _modes, _run, _set
 
-__all__ = ["sequential_refit", "DAMPING"]
+__all__ = ["sequential_refit", "ReferenceOutputs", "DAMPING"]
 
 DAMPING = 1e-2
 """Ridge λ as a fraction of the mean diagonal of the features' second moment (as GPTQ damps)."""
@@ -68,6 +68,66 @@ def _order(model: nn.Module, names: list[str], x: torch.Tensor) -> tuple[list[st
         for h in handles:
             h.remove()
     return seen, {n: calls[n] for n in seen}
+
+
+class ReferenceOutputs:
+    """The reference's outputs at the factorised layers, per calibration batch, computed in one
+    full pass per batch and kept for every refit that asks again.
+
+    A refit needs, for each layer, the uncompressed layer's output on the uncompressed model's
+    input; without this each layer costs a reference pass up to that layer, for every candidate
+    allocation the selection stage refits. Those outputs are the same for every candidate (only the
+    compressed model's features differ), so :func:`hsc_plugin.selection.select` keeps them here:
+    one reference pass per batch in all, instead of about half a pass per layer per candidate.
+    Past ``max_bytes`` nothing more is kept and the refits run their own reference passes, as
+    without a cache (same targets, so the same results either way). Batches are told apart by
+    their memory, shape and strides (each batch is held, so its memory is not reused): the
+    calibration tensor must not be changed in place while the cache is used.
+    """
+
+    def __init__(self, reference: nn.Module, names: list[str], max_bytes: float | None) -> None:
+        self.reference = reference
+        self.names = list(dict.fromkeys(names))
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.passes = 0  # full reference passes run to fill the cache
+        self.enabled = True
+        self._kept: dict[tuple[Any, ...], tuple[torch.Tensor, dict[str, list[torch.Tensor]]]] = {}
+
+    @torch.no_grad()
+    def outputs(self, name: str, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Layer ``name``'s outputs on batch ``x`` (one per call), or None: not a layer this cache
+        covers, or the cache is full (the caller runs the reference itself)."""
+        if not self.enabled or name not in self.names:
+            return None
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+        if key not in self._kept:
+            got = self._pass(x)
+            size = sum(t.numel() * t.element_size() for ts in got.values() for t in ts)
+            if self.max_bytes is not None and self.bytes + size > self.max_bytes:
+                self.enabled = False
+                self._kept.clear()
+                return got[name]
+            self.bytes += size
+            self._kept[key] = (x, got)  # x held: its memory cannot be reused by another batch
+        return self._kept[key][1][name]
+
+    def _pass(self, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        got: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        handles = []
+        for n in self.names:
+            def hook(_m: nn.Module, _inp: Any, out: torch.Tensor, n: str = n) -> None:
+                got[n].append(out.detach().clone())  # a later in-place op (ReLU) must not change it
+            handles.append(self.reference.get_submodule(n).register_forward_hook(hook))
+        try:
+            with _modes(self.reference):
+                self.reference.eval()
+                _run(self.reference, x)
+        finally:
+            for h in handles:
+                h.remove()
+        self.passes += 1
+        return got
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -159,7 +219,7 @@ def _give_biases(module: FactorisedModule, finals: list[nn.Module], channels: in
 
 @torch.no_grad()
 def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, calib: Any,
-                 batch_size: int, damping: float) -> tuple[int, int]:
+                 batch_size: int, damping: float, kept: ReferenceOutputs | None = None) -> tuple[int, int]:
     """One pass: moments of layer ``name``'s final factors, then their fit; (#refitted, moment bytes)."""
     module = model.get_submodule(name)
     assert isinstance(module, FactorisedModule)
@@ -198,13 +258,19 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
     for x in _inputs(calib, batch_size):
         targets.clear()
         counters[:], ran[0] = [0] * len(finals), 0
-        handles = [original.register_forward_hook(ref_hook)]
-        try:
-            _run(reference, x)
-        except _Stop:
-            pass
-        finally:
-            handles.pop().remove()
+        cached = kept.outputs(name, x) if kept is not None else None
+        if cached is not None:
+            targets.extend(cached[:calls])
+            if targets:
+                width[0] = targets[0].shape[1] if targets[0].dim() == 4 else targets[0].shape[-1]
+        else:
+            handles = [original.register_forward_hook(ref_hook)]
+            try:
+                _run(reference, x)
+            except _Stop:
+                pass
+            finally:
+                handles.pop().remove()
         if len(targets) != calls:
             raise CalibrationError(f"Layer {name!r} ran {len(targets)} times in the reference, {calls} expected")
         handles = [lin.register_forward_hook(final_hook(i)) for i, lin in enumerate(finals)]
@@ -236,13 +302,16 @@ def _shared_batchnorms(model: nn.Module, reference: nn.Module, names: list[str])
 
 @torch.no_grad()
 def sequential_refit(reference: nn.Module, model: nn.Module, names: list[str] | Mapping[str, Any], calib: Any, *,
-                     batch_size: int = 64, damping: float = DAMPING) -> dict[str, Any]:
+                     batch_size: int = 64, damping: float = DAMPING,
+                     kept: ReferenceOutputs | None = None) -> dict[str, Any]:
     """Refit the final linear factor of each factorised layer in ``names`` (in place), in forward
     order, on the partially compressed model's features with the reference's layer outputs as
     targets (see the module docstring). ``reference`` is the uncompressed model (same module names).
 
     Layers whose type has no ``final_linears`` are skipped but still run. BatchNorm layers outside
-    the factorised modules take the reference's statistics. On error the model is left as it was. Returns ``{"layers", "factors", "skipped", "passes",
+    the factorised modules take the reference's statistics. On error the model is left as it was.
+    ``kept``: the reference's layer outputs, shared between refits on the same ``calib``
+    (:class:`ReferenceOutputs` of ``reference``). Returns ``{"layers", "factors", "skipped", "passes",
     "moment_bytes"}`` (``moment_bytes``: the most moment memory held at once).
     """
     mods = dict(model.named_modules())
@@ -267,7 +336,7 @@ def sequential_refit(reference: nn.Module, model: nn.Module, names: list[str] | 
             first = next(iter(_inputs(calib, batch_size)))
             order, calls = _order(model, refittable, first)
             for n in order:
-                done, held = _refit_layer(n, model, reference, calls[n], calib, batch_size, damping)
+                done, held = _refit_layer(n, model, reference, calls[n], calib, batch_size, damping, kept)
                 info["layers"] += int(done > 0)
                 info["factors"] += done
                 info["passes"] += 1

@@ -97,7 +97,9 @@ def selection_plan(compressor: "Compressor", macs_per_sample: float, n_layers: i
     Its work is counted in dense forward passes of the calibration subset: per candidate one error
     measurement, two per recovery step (the step, then its error), and the sequential refit about
     half a pass per factorised layer (each layer's pass stops after it) plus its error; two more for
-    the reference. In that order of preference, within the cap: every candidate refitted ("each");
+    the reference. (The refit's targets, the reference's layer outputs, are computed once for all
+    candidates within ``max_stats_gb``: :class:`hsc_plugin.refit.ReferenceOutputs`. That halved
+    the refit's real work and is not subtracted here, so the cap decides as it did before it.) In that order of preference, within the cap: every candidate refitted ("each");
     candidates compared after BatchNorm re-estimation / bias correction only and the winner alone
     refitted ("winner", at fewer samples if need be, never below :data:`MIN_SELECTION_SAMPLES`);
     no refit ("none", at fewer samples). MACs, not seconds, so the choice is the same on every
@@ -137,6 +139,7 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
     training-time statistics are from the user's data).
     """
     from hsc_plugin.recovery import _batchnorms, output_error, recover, reestimate_bn
+    from hsc_plugin.refit import ReferenceOutputs
 
     names = list(allocations)
     if _distributed():
@@ -172,12 +175,16 @@ def select(compressor: "Compressor", prep: "Prepared", allocations: dict[str, Al
         if reestimate_bn(reference, calib, batch_size=compressor.calib_batch_size) == 0:
             reference = prep.work  # no BatchNorm the data reaches
     features, reference = reference, _Replay(reference)
+    # The refit's targets (the uncompressed layers' outputs) are the same for every candidate:
+    # computed in one reference pass per batch, within the statistics' memory limit.
+    kept = ReferenceOutputs(features, [n for a in allocations.values() for n in a.modules],
+                            None if compressor.max_stats_gb is None else compressor.max_stats_gb * 2**30)
 
     def recovered(model: nn.Module, alloc: Allocation, refit: bool) -> dict[str, Any]:
         originals = {n: prep.infos[n].module for n in alloc.modules}
         info = recover(reference, model, originals, calib, bn=compressor.bn_reestimation,
                        bias=compressor.bias_correction, refit=refit, refresh_reference=False,
-                       batch_size=compressor.calib_batch_size, features=features)
+                       batch_size=compressor.calib_batch_size, features=features, kept=kept)
         info["selection"] = stage
         return info
 

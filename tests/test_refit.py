@@ -15,7 +15,7 @@ from torch import nn
 from hsc_plugin import Budget, CalibrationError, compress, load, save
 from hsc_plugin.modules import LowRankConv2d, RegionalExpansionConv2d, SpatioChannelConv2d, conv_geometry
 from hsc_plugin.recovery import output_error, recover, reestimate_bn
-from hsc_plugin.refit import sequential_refit
+from hsc_plugin.refit import ReferenceOutputs, sequential_refit
 from hsc_plugin.tiling import Tiling
 
 
@@ -151,6 +151,72 @@ def test_second_layer_refit_compensates_the_first_layers_error() -> None:
     assert info["layers"] == 1
     assert_unchanged(model[0], snapshot(untouched[0]))
     assert output_error(ref, model, x) < 0.9 * error
+
+
+def _three_convs_compressed() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(12, 10, 3, padding=1),
+                        nn.ReLU(inplace=True), nn.Conv2d(10, 8, 3, padding=1)).eval()
+    model = copy.deepcopy(ref)
+    model[0], model[2], model[4] = _svd_layer(ref[0], 2), _svd_layer(ref[2], 3), _svd_layer(ref[4], 2)
+    return ref, model
+
+
+def test_kept_reference_outputs_give_the_same_refit_with_fewer_reference_passes() -> None:
+    """The targets kept once per batch are the ones each layer's own reference pass computes
+    (bit for bit, in-place ReLUs after the layers included), and a second refit reads them all."""
+    ref, model = _three_convs_compressed()
+    x = _x(40)
+    plain, cached, again = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    names = ["0", "2", "4"]
+    sequential_refit(ref, plain, names, x, batch_size=16)
+    kept = ReferenceOutputs(ref, names, max_bytes=None)
+    sequential_refit(ref, cached, names, x, batch_size=16, kept=kept)
+    assert kept.passes == 3 and kept.enabled  # one full pass per batch (16 + 16 + 8 samples)
+    assert kept.bytes == 4 * 40 * 16 * 16 * (12 + 10 + 8)
+    sequential_refit(ref, again, names, x, batch_size=16, kept=kept)
+    assert kept.passes == 3  # nothing recomputed
+    for other in (cached, again):
+        for (k, v), w in zip(plain.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(v, w), k
+
+
+def test_kept_reference_outputs_past_their_limit_fall_back_to_reference_passes() -> None:
+    ref, model = _three_convs_compressed()
+    x = _x(40)
+    plain, cached = copy.deepcopy(model), copy.deepcopy(model)
+    sequential_refit(ref, plain, ["0", "2", "4"], x, batch_size=16)
+    kept = ReferenceOutputs(ref, ["0", "2", "4"], max_bytes=4 * 16 * 16 * 16 * 30 + 1)  # one batch fits, not two
+    sequential_refit(ref, cached, ["0", "2", "4"], x, batch_size=16, kept=kept)
+    assert not kept.enabled and kept.bytes <= kept.max_bytes
+    for (k, v), w in zip(plain.state_dict().items(), cached.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_selection_shares_the_refit_targets_between_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HSC refits each of its candidate allocations; with the targets shared the chosen model is
+    the same as with each refit computing its own."""
+    torch.manual_seed(0)
+    net = SmallCNN().eval()
+    x = _x(48, size=32)
+    shared = compress(net, "hsc", calib=x, budget=Budget(3.0), progress=False, seed=0)
+    assert shared.report.recovery["selection"]["refit"] == "each" and len(shared.report.candidates) > 1
+    passes: list[int] = []
+    original = ReferenceOutputs.outputs
+
+    def counted(self: ReferenceOutputs, name: str, xb: torch.Tensor) -> list[torch.Tensor] | None:
+        out = original(self, name, xb)
+        passes.append(self.passes)
+        return out
+
+    monkeypatch.setattr(ReferenceOutputs, "outputs", counted)
+    again = compress(net, "hsc", calib=x, budget=Budget(3.0), progress=False, seed=0)
+    assert passes and max(passes) == 1  # 48 samples, one batch of 64: one reference pass in all
+    monkeypatch.setattr(ReferenceOutputs, "outputs", lambda self, name, xb: None)  # every refit on its own
+    alone = compress(net, "hsc", calib=x, budget=Budget(3.0), progress=False, seed=0)
+    assert shared.report.allocation == alone.report.allocation == again.report.allocation
+    for (k, v), w in zip(alone.model.state_dict().items(), shared.model.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 # ----------------------------------------------------------------------------- guard, every compressor

@@ -61,7 +61,9 @@ class Compressor(ABC):
       ``latency_batch``) and keep dense the ones that are not faster, re-allocating the budget to
       the others — fewer MACs are worth nothing where the kernels do not realise them.
     * ``max_stats_gb``: calibration statistics of layers are gathered in groups that fit in this
-      many GiB (one calibration pass per group, freed once planned); ``None``: all at once.
+      many GiB (one calibration pass per group, freed once planned); ``None``: all at once. It
+      also bounds the uncompressed layers' outputs the recovery stage keeps for the sequential
+      refit (computed once and shared by every candidate; past the limit each refit recomputes them).
     * ``cost_model``: the :class:`~hsc_plugin.cost.latency_model.LatencyCostModel` used by latency budgets
       (``Budget(2.0, metric="latency")``, ``Budget(ms=4.0)``); default: one timing at
       ``latency_batch`` on the model's device. ``latency_rounds``: under a latency budget on the
