@@ -115,7 +115,7 @@ class Report:
             held = (self.recovery or {}).get("held_out")
             lines.append(f"calibration output error {self.calibration_error:.4f}"
                          + (f" on {held['samples']} held-out samples (fit {held['fit_error']:.4f})" if held else "")
-                         + (f" (allocation kept: {self.allocation}; candidates: {tried})" if tried else ""))
+                         + (f" (allocation kept: {self.allocation}; candidates{self._stage()}: {tried})" if tried else ""))
         if self.latency is not None:
             pred = self.latency.get("predicted_after_ms")
             lines.append(
@@ -142,6 +142,16 @@ class Report:
 
     def __str__(self) -> str:
         return self.table()
+
+    def _stage(self) -> str:
+        """How the candidates were compared, where the selection cap changed it: their errors are
+        then not all after the same recovery, or not on every sample."""
+        stage = (self.recovery or {}).get("selection") or {}
+        how = {"winner": "compared before the refit, which only the kept one had",
+               "none": "compared without the refit"}.get(stage.get("refit", ""), "")
+        if stage and stage.get("samples", 0) < stage.get("asked_samples", 0):
+            how += (", " if how else "") + f"on {stage['samples']} of {stage['asked_samples']} samples"
+        return f" ({how}, selection_gmacs)" if how else ""
 
 
 def _json_default(o: Any) -> Any:

@@ -82,6 +82,9 @@ def test_capped_stage_refits_the_winner_and_never_raises_the_error() -> None:
     assert said and "chosen candidate only" in said[0]
     stage = res.report.recovery["selection"]
     assert stage["refit"] == "winner" and MIN_SELECTION_SAMPLES <= stage["samples"] < 64
+    # The summary says the candidates' errors are not all after the refit, and on how many samples.
+    assert (f"candidates (compared before the refit, which only the kept one had, on {stage['samples']} of 64 "
+            "samples, selection_gmacs): ") in res.report.table()
     assert res.report.calibration_error <= res.report.recovery["error_before"] + 1e-12
     assert res.report.options["selection_gmacs"] == gmacs
     factorised = [L for L in res.report.layers if L.status == "factorised"]
@@ -92,6 +95,7 @@ def test_capped_stage_refits_the_winner_and_never_raises_the_error() -> None:
         full = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False)
     assert not [w for w in caught if "selection_gmacs" in str(w.message)]
     assert full.report.recovery["selection"]["refit"] == "each"
+    assert "; candidates: " in full.report.table() and "selection_gmacs" not in full.report.table()
 
 
 def test_stage_on_a_model_without_batchnorm_counts_no_bn_passes() -> None:
