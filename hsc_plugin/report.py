@@ -147,8 +147,9 @@ class Report:
         """How the candidates were compared, where the selection cap changed it: their errors are
         then not all after the same recovery, or not on every sample."""
         stage = (self.recovery or {}).get("selection") or {}
+        refits = bool((self.options or {}).get("sequential_refit"))  # off by the user: nothing to say
         how = {"winner": "compared before the refit, which only the kept one had",
-               "none": "compared without the refit"}.get(stage.get("refit", ""), "")
+               "none": "compared without the refit"}.get(stage.get("refit", ""), "") if refits else ""
         if stage and stage.get("samples", 0) < stage.get("asked_samples", 0):
             how += (", " if how else "") + f"on {stage['samples']} of {stage['asked_samples']} samples"
         return f" ({how}, selection_gmacs)" if how else ""

@@ -96,6 +96,8 @@ def test_capped_stage_refits_the_winner_and_never_raises_the_error() -> None:
     assert not [w for w in caught if "selection_gmacs" in str(w.message)]
     assert full.report.recovery["selection"]["refit"] == "each"
     assert "; candidates: " in full.report.table() and "selection_gmacs" not in full.report.table()
+    off = compress(model, "hsc", calib=x, budget=Budget(2.0), progress=False, sequential_refit=False)
+    assert off.report.recovery["selection"]["refit"] == "none" and "; candidates: " in off.report.table()
 
 
 def test_stage_on_a_model_without_batchnorm_counts_no_bn_passes() -> None:
