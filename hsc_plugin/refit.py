@@ -231,11 +231,8 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
     targets: list[torch.Tensor] = []
     counters = [0] * len(finals)
 
-    width = [0]
-
     def ref_hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
         targets.append(out.detach().clone())  # a later in-place op (ReLU) must not change it
-        width[0] = out.shape[1] if out.dim() == 4 else out.shape[-1]
         if len(targets) == calls:
             raise _Stop
 
@@ -261,8 +258,6 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
         cached = kept.outputs(name, x) if kept is not None else None
         if cached is not None:
             targets.extend(cached[:calls])
-            if targets:
-                width[0] = targets[0].shape[1] if targets[0].dim() == 4 else targets[0].shape[-1]
         else:
             handles = [original.register_forward_hook(ref_hook)]
             try:
@@ -283,7 +278,8 @@ def _refit_layer(name: str, model: nn.Module, reference: nn.Module, calls: int, 
             for h in handles:
                 h.remove()
     held = sum(m.bytes() for m in moments)
-    _give_biases(module, finals, width[0])
+    width = targets[0].shape[1] if targets[0].dim() == 4 else targets[0].shape[-1]  # the layer's outputs
+    _give_biases(module, finals, width)
     return sum(_solve(lin, m, damping) for lin, m in zip(finals, moments)), held
 
 

@@ -99,7 +99,8 @@ def selection_plan(compressor: "Compressor", macs_per_sample: float, n_layers: i
     half a pass per factorised layer (each layer's pass stops after it) plus its error; two more for
     the reference. (The refit's targets, the reference's layer outputs, are computed once for all
     candidates within ``max_stats_gb``: :class:`hsc_plugin.refit.ReferenceOutputs`. That halved
-    the refit's real work and is not subtracted here, so the cap decides as it did before it.) In that order of preference, within the cap: every candidate refitted ("each");
+    the refit's real work and is not subtracted here, so the cap decides as it did before it.)
+    In that order of preference, within the cap: every candidate refitted ("each");
     candidates compared after BatchNorm re-estimation / bias correction only and the winner alone
     refitted ("winner", at fewer samples if need be, never below :data:`MIN_SELECTION_SAMPLES`);
     no refit ("none", at fewer samples). MACs, not seconds, so the choice is the same on every
