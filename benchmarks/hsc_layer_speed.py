@@ -44,8 +44,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "svd (1 region)": ("global_svd", {"data_aware": True}),
     "svd, ranks multiple of 8": ("global_svd", {"data_aware": True, "rank_multiple": 8}),
     "hsc 1 region, 4 balanced input clusters": ("hsc", {"partition": "none", "n_clusters": 4, "balanced": True}),
-    "hsc 2x2 regions, 1 cluster (loop)": ("hsc", {"grid": (2, 2), "clusterer": "single", "channel_side": "output"}),
-    "hsc 2x2 regions, 4 input clusters (loop)": ("hsc", {"grid": (2, 2), "n_clusters": 4}),
+    "hsc 2x2 regions, 1 cluster (loop)": ("hsc", {"grid": (2, 2), "clusterer": "single", "channel_side": "output", "min_region": 4}),
+    "hsc 2x2 regions, 4 input clusters (loop)": ("hsc", {"grid": (2, 2), "n_clusters": 4, "min_region": 4}),
     "hsc 1 region, 4 output clusters (1x1 per cluster)": ("hsc", {"partition": "none", "n_clusters": 4,
                                                                    "channel_side": "output"}),
 }

@@ -28,7 +28,7 @@ EXTRA = (
     Setting("hsc 1x1 regions, 4 balanced input clusters", "hsc",
             {"partition": "none", "channel_side": "input", "n_clusters": 4, "balanced": True}),
     Setting("hsc 2x2 regions, 4 balanced input clusters", "hsc",
-            {"grid": (2, 2), "channel_side": "input", "n_clusters": 4, "balanced": True}),
+            {"grid": (2, 2), "channel_side": "input", "n_clusters": 4, "balanced": True, "min_region": 4}),
 )
 
 

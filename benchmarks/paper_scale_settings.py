@@ -22,6 +22,8 @@ these images, not how a trained net's accuracy would move; the times depend only
         tucker2-q16 global_svd global_svd-q16 --out benchmarks/results/paper_scale_rank_multiple.md
     python benchmarks/paper_scale_settings.py --data ../shared/data/brain-mri-128 --settings hsc-uncapped-q16 \
         tucker2 tucker2-q16 --out benchmarks/results/paper_scale_uncapped_q16.md
+    python benchmarks/paper_scale_settings.py --data ../shared/data/brain-mri-128 --settings hsc hsc-mr4 \
+        hsc-uncapped tucker2 global_svd   # paper_scale_selection.md, third pass (min_region 16 vs 4)
     python benchmarks/paper_scale_settings.py --size 128 --runs 3 --batches 1 --layouts nchw
 """
 
@@ -45,6 +47,7 @@ from hsc_plugin.recovery import output_error  # noqa: E402
 SETTINGS: dict[str, tuple[str, str, dict]] = {  # name → (label, method, options)
     "hsc": ("hsc (defaults)", "hsc", {}),
     "hsc-uncapped": ("hsc, selection_gmacs=None", "hsc", {"selection_gmacs": None}),
+    "hsc-mr4": ("hsc, min_region=4 (the default before 2026-12-07)", "hsc", {"min_region": 4}),
     "tucker2": ("tucker2 (data-aware)", "tucker2", {"data_aware": True}),
     "global_svd": ("global_svd (data-aware)", "global_svd", {"data_aware": True}),
     "hsc-q16": ("hsc, rank_multiple=16", "hsc", {"rank_multiple": 16}),

@@ -15,7 +15,31 @@ from hsc_plugin.plan import RankBlock, RankProblem
 from hsc_plugin.tiling import cell_edges
 
 __all__ = ["RankSelector", "SpatialPartitioner", "ChannelClusterer", "BlockFactoriser", "Block", "BlockFactors",
-           "Strategy", "coactivation", "balance_clusters"]
+           "Strategy", "coactivation", "balance_clusters", "MIN_REGION"]
+
+MIN_REGION = 16
+"""Default smallest region side, in output pixels, for the built-in partitioners and HSC.
+
+A region runs as its own crop (with the kernel's halo re-read), its own kernels and a concatenation,
+and its factors are fitted on its positions alone: both costs grow as regions shrink, and neither
+is in the MACs. Against 4-pixel regions in the same runs: on the MRI AlexNet (maps of 32, 16 and
+8 pixels) HSC's models at 3× and 6× fewer MACs ran 1.2–1.75× faster, with lower test error at 3×
+and 3 % more at 6×; at the paper's scale (512 px, maps of 127, 63 and 31 pixels, 6×) 2–26 %
+faster for 1.4 % more held-out error (``benchmarks/results/min_region_mri.md``, ``paper_scale_selection.md``).
+``min_region=4`` brings the small regions back.
+Read when a partitioner or HSC is created without ``min_region`` (:func:`min_region`).
+"""
+
+
+def min_region(value: int | None) -> int:
+    """``value``, or :data:`MIN_REGION` when it is ``None``: the smallest region side, validated."""
+    try:
+        out = MIN_REGION if value is None else int(value)
+    except (TypeError, ValueError):
+        out = 0
+    if isinstance(value, bool) or out < 1 or (isinstance(value, float) and value != out):
+        raise ValueError(f"min_region must be a positive whole number of pixels, got {value!r}")
+    return out
 
 
 class Strategy(ABC):

@@ -13,6 +13,7 @@ import torch
 from hsc_plugin.decomposition import sym_eig_desc
 from hsc_plugin.registry import hookimpl
 from hsc_plugin.tiling import Tiling, edge
+from hsc_plugin import strategy as _strategy
 from hsc_plugin.strategy import SpatialPartitioner
 
 __all__ = ["NoPartition", "GridPartitioner", "QuadtreePartitioner"]
@@ -37,17 +38,18 @@ class NoPartition(SpatialPartitioner):
 
 class GridPartitioner(SpatialPartitioner):
     """A fixed ``g_h × g_w`` grid, reduced where the map is too small for regions of at least
-    ``min_region`` pixels a side (small maps get no regions: they cost time and gain little)."""
+    ``min_region`` pixels a side (small regions cost time and their factors see few positions:
+    :data:`~hsc_plugin.strategy.MIN_REGION`)."""
 
     name = "grid"
     uses_moments = False
 
-    def __init__(self, grid: tuple[int, int] | int = (2, 2), min_region: int = 4) -> None:
+    def __init__(self, grid: tuple[int, int] | int = (2, 2), min_region: int | None = None) -> None:
         g = (grid, grid) if isinstance(grid, int) else tuple(grid)
         if len(g) != 2 or min(g) < 1:
             raise ValueError(f"grid must be (rows, cols) with positive entries, got {grid!r}")
         self.grid = (int(g[0]), int(g[1]))
-        self.min_region = int(min_region)
+        self.min_region = _strategy.min_region(min_region)
 
     def statistics_grid(self, fine: tuple[int, int]) -> tuple[int, int]:
         return self.grid
@@ -77,11 +79,11 @@ class QuadtreePartitioner(SpatialPartitioner):
     name = "quadtree"
 
     def __init__(self, max_depth: int = 2, min_gain: float = 0.1, rank_fraction: float = 0.25,
-                 min_region: int = 4) -> None:
+                 min_region: int | None = None) -> None:
         self.max_depth = int(max_depth)
         self.min_gain = float(min_gain)
         self.rank_fraction = float(rank_fraction)
-        self.min_region = int(min_region)
+        self.min_region = _strategy.min_region(min_region)
 
     def statistics_grid(self, fine: tuple[int, int]) -> tuple[int, int]:
         """Halving ``max_depth`` times reaches no finer than 2**max_depth cells a side: more cells

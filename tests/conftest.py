@@ -45,6 +45,25 @@ class SmallCNN(nn.Module):
         return self.head(self.body(torch.relu(self.stem(x))))
 
 
+TEST_MIN_REGION = 4
+"""The suite's nets are tiny (maps of 4–32 pixels), where the library's default smallest region
+(``hsc_plugin.strategy.MIN_REGION``, 16 pixels a side) would leave almost no layer with regions and
+the region code untested. So the whole session runs with 4-pixel regions (set before any fixture,
+module-scoped ones included) unless a test passes ``min_region``; test_min_region.py sets the
+library's default back to test it. Tests that compress in another process pass ``min_region``."""
+
+import hsc_plugin.strategy  # noqa: E402
+
+LIBRARY_MIN_REGION = hsc_plugin.strategy.MIN_REGION
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _small_regions() -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hsc_plugin.strategy, "MIN_REGION", TEST_MIN_REGION)
+        yield
+
+
 @pytest.fixture
 def small_cnn() -> nn.Module:
     torch.manual_seed(0)

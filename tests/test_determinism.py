@@ -27,10 +27,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd-data": ("global_svd", {"data_aware": True}),
     "tucker2": ("tucker2", {}),
     "tucker2-data": ("tucker2", {"data_aware": True}),
-    "hsc": ("hsc", {}),
-    "hsc-output": ("hsc", {"channel_side": "output"}),
-    "hsc-kmeans": ("hsc", {"clusterer": "kmeans", "seed": 3}),
-    "hsc-spectral-quadtree": ("hsc", {"clusterer": "spectral", "partition": "quadtree", "seed": 5}),
+    "hsc": ("hsc", {"min_region": 4}),  # as conftest sets it: the subprocess below does not see it
+    "hsc-output": ("hsc", {"channel_side": "output", "min_region": 4}),
+    "hsc-kmeans": ("hsc", {"clusterer": "kmeans", "seed": 3, "min_region": 4}),
+    "hsc-spectral-quadtree": ("hsc", {"clusterer": "spectral", "partition": "quadtree", "seed": 5,
+                              "min_region": 4}),
     "hsc-balanced": ("hsc", {"balanced": True, "partition": "none"}),
 }
 

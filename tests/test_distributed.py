@@ -24,8 +24,8 @@ SPLIT = [5, 11]
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd": ("global_svd", {"data_aware": True}),
     "tucker2": ("tucker2", {"data_aware": True}),
-    "hsc": ("hsc", {"grid": (2, 2)}),  # two calibration passes: statistics, then per-cluster ones
-    "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2)}),
+    "hsc": ("hsc", {"grid": (2, 2), "min_region": 4}),  # explicit: the worker processes do not see conftest  # two calibration passes: statistics, then per-cluster ones
+    "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2), "min_region": 4}),
 }
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -37,6 +37,7 @@ from hsc_plugin.compressors.tucker2 import Tucker2Plan
 from hsc_plugin.decomposition import Moment
 from hsc_plugin.plan import LayerPlan, PlanContext
 from hsc_plugin.registry import available, create, lookup
+from hsc_plugin import strategy
 from hsc_plugin.strategy import (Block, BlockFactoriser, ChannelClusterer, SpatialPartitioner, balance_clusters,
                                  coactivation)
 from hsc_plugin.tiling import Tiling
@@ -54,7 +55,8 @@ class HSC(Compressor):
     the partitioner needs — its own cells for ``grid``/``none``, 2^max_depth a side (4×4) for
     ``quadtree``, the 8×8 fine grid for other adaptive ones; statistics memory is cells × C²
     float64 per layer, layers in groups under ``max_stats_gb``) and
-    ``min_region`` (minimum region side in output pixels; smaller maps get fewer regions) and
+    ``min_region`` (minimum region side in output pixels, default
+    :data:`~hsc_plugin.strategy.MIN_REGION` = 16: smaller maps get fewer regions) and
     ``alternatives``: with a budget (MACs, parameters or latency), offer each conv in every form
     — the partitioner's regions with each block factoriser, with and without clusters, one region
     with clusters, data-aware SVD and Tucker-2 and their regional expansions — and water-fill the
@@ -81,7 +83,7 @@ class HSC(Compressor):
         channel_side: str = "input",
         balanced: bool = False,
         cells: tuple[int, int] | int | None = None,
-        min_region: int = 4,
+        min_region: int | None = None,
         block: str | BlockFactoriser = "svd",
         alternatives: bool = True,
         baselines: tuple[str, ...] = ("global_svd", "tucker2"),
@@ -99,7 +101,7 @@ class HSC(Compressor):
         self.partition, self.grid, self.clusterer, self.n_clusters = partition, grid, clusterer, n_clusters
         self.channel_side = channel_side
         self.cells = None if cells is None else (cells, cells) if isinstance(cells, int) else tuple(cells)
-        self.min_region = int(min_region)
+        self.min_region = strategy.min_region(min_region)
         self.data_aware = True
         # ``grid`` set by the user must be taken (an error for a partitioner without one);
         # ``min_region``, ``n_clusters`` and ``seed`` go to whichever strategy declares them.
