@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import hsc_plugin.strategy
+
 REPO = Path(__file__).resolve().parents[1]
 
 # One intra-op thread: the suite is many tiny ops, and on a shared 2-core machine two threads per
@@ -51,8 +53,6 @@ TEST_MIN_REGION = 4
 the region code untested. So the whole session runs with 4-pixel regions (set before any fixture,
 module-scoped ones included) unless a test passes ``min_region``; test_min_region.py sets the
 library's default back to test it. Tests that compress in another process pass ``min_region``."""
-
-import hsc_plugin.strategy  # noqa: E402
 
 LIBRARY_MIN_REGION = hsc_plugin.strategy.MIN_REGION
 

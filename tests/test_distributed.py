@@ -24,7 +24,8 @@ SPLIT = [5, 11]
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "global_svd": ("global_svd", {"data_aware": True}),
     "tucker2": ("tucker2", {"data_aware": True}),
-    "hsc": ("hsc", {"grid": (2, 2), "min_region": 4}),  # explicit: the worker processes do not see conftest  # two calibration passes: statistics, then per-cluster ones
+    # two calibration passes: statistics, then per-cluster ones; min_region explicit (the workers do not see conftest)
+    "hsc": ("hsc", {"grid": (2, 2), "min_region": 4}),
     "hsc-output": ("hsc", {"channel_side": "output", "grid": (2, 2), "min_region": 4}),
 }
 
