@@ -33,9 +33,9 @@ from hsc_plugin.mri.report import machine_description
 
 
 def _regional(report) -> str:
-    """The layers whose chosen form has more than one region, with that form."""
-    forms = {ly.name: str(ly.details.get("form") or "") for ly in report.layers}
-    out = [f"{n} ({f})" for n, f in forms.items() if f[:1].isdigit() and not f.startswith("1 region")]
+    """The layers whose chosen form has more than one region (its tiling), with that form."""
+    out = [f"{ly.name} ({ly.details.get('form')})" for ly in report.layers
+           if len((ly.details.get("tiling") or {}).get("regions", [])) > 1]
     return "; ".join(out) or "none"
 
 

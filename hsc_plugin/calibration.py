@@ -83,6 +83,12 @@ def iter_batches(calib: Any, batch_size: int = 64) -> Iterator[torch.Tensor]:
         raise CalibrationError("Calibration data is empty: it yielded no batch")
 
 
+def batch_key(x: torch.Tensor) -> tuple[Any, ...]:
+    """Which batch ``x`` is, for caches of per-batch outputs: its memory, shape and strides. The
+    cache must hold ``x`` while it keeps the entry, or another batch could reuse that memory."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+
+
 def first_samples(calib: Any, n: int) -> torch.Tensor:
     """The first ``n`` calibration samples as one tensor (what recovery and the choice of candidate
     run on, and what the report's per-layer errors are measured on after a work-capped choice)."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hsc_plugin.allocation import Allocation
-from hsc_plugin.calibration import first_samples
+from hsc_plugin.calibration import batch_key, first_samples
 
 if TYPE_CHECKING:
     from hsc_plugin.compressors.base import Compressor
@@ -70,13 +70,13 @@ class _Replay(nn.Module):
     def __init__(self, reference: nn.Module) -> None:
         super().__init__()
         self.reference = reference
-        self._cache: dict[tuple[int, tuple[int, ...]], Any] = {}
+        self._cache: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
 
     def forward(self, x: torch.Tensor) -> Any:
-        key = (x.data_ptr(), tuple(x.shape))
+        key = batch_key(x)
         if key not in self._cache:
-            self._cache[key] = self.reference(x)
-        return self._cache[key]
+            self._cache[key] = (x, self.reference(x))  # x held: its memory cannot be reused by another batch
+        return self._cache[key][1]
 
 
 def _distributed() -> bool:

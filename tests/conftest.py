@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ LIBRARY_MIN_REGION = hsc_plugin.strategy.MIN_REGION
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _small_regions() -> None:
+def _small_regions() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hsc_plugin.strategy, "MIN_REGION", TEST_MIN_REGION)
         yield
